@@ -1,0 +1,32 @@
+# One entry point for set-up, demo and tests. Every target installs what it needs first.
+# torch is installed before anything else: a bare `torch` requirement on a machine without torch
+# pulls the newest CUDA build (gigabytes). Override TORCH_SPEC on a GPU machine, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medvol-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench-n4 clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/medvol demo --output demo_output
+
+test: setup
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check medvol tests benchmarks
+
+clean:
+	rm -rf demo_output .pytest_cache

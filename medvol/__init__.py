@@ -1,0 +1,15 @@
+"""medvol: MONAI-native self-supervised learning for 3D CT and MRI.
+
+Sub-packages (one concept per module):
+
+- :mod:`medvol.io`: datalists, volume readers (NIfTI, MetaImage, NRRD, DICOM series), atomic writers, manifests.
+- :mod:`medvol.transforms`: MONAI-style array/dictionary transforms (N4, presets, SSL views).
+- :mod:`medvol.networks`: encoders with feature taps, heads, momentum encoders, MIL pooling.
+- :mod:`medvol.losses`: self-supervised losses with ``forward(input, target)``.
+- :mod:`medvol.cluster`: FAISS k-means and Sinkhorn-Knopp.
+- :mod:`medvol.methods`: the pretext tasks, each assembled from the parts above.
+- :mod:`medvol.engines`: the self-supervised trainer and its handlers (monai.engines / ignite).
+- :mod:`medvol.apps`: the ``medvol`` command line.
+"""
+
+__version__ = "0.1.0"

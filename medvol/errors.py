@@ -1,0 +1,31 @@
+"""Exception types shared across medvol.
+
+Library code raises these (or plain ``ValueError``/``TypeError`` for bad arguments) with a message a user can
+act on. Batch commands catch :class:`DataError` per input so one bad file never stops a run; bundle configs
+turn :class:`ConfigError` into a one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MedvolError", "DataError", "ConfigError"]
+
+
+class MedvolError(Exception):
+    """Base class of medvol's own errors."""
+
+
+class DataError(MedvolError, ValueError):
+    """An input file or folder cannot be used (unreadable, corrupt, wrong dimensionality, NaN voxels, ...).
+
+    The message names the file first, then the problem, on one line, e.g.
+    ``"/data/ct/case1.nii.gz: not a valid NIfTI file (unexpected end of data)"``.
+    """
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the underlying library printed
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+class ConfigError(MedvolError, ValueError):
+    """A bundle configuration or command-line value is wrong (missing folder, unknown backbone, ...)."""
