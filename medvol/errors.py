@@ -7,7 +7,7 @@ turn :class:`ConfigError` into a one-line message instead of a traceback.
 
 from __future__ import annotations
 
-__all__ = ["MedvolError", "DataError", "ConfigError"]
+__all__ = ["MedvolError", "DataError", "ConfigError", "find_error"]
 
 
 class MedvolError(Exception):
@@ -29,3 +29,18 @@ class DataError(MedvolError, ValueError):
 
 class ConfigError(MedvolError, ValueError):
     """A bundle configuration or command-line value is wrong (missing folder, unknown backbone, ...)."""
+
+
+def find_error(exc: BaseException | None, kind: type[BaseException] = DataError) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain, or ``None``.
+
+    MONAI's ``Compose`` re-raises every transform error as ``RuntimeError("applying transform ...")``; this
+    recovers the medvol error underneath so its one-line message can be reported.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

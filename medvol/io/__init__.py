@@ -1,1 +1,24 @@
-"""medvol.io."""
+"""medvol.io: datalists, volume readers (NIfTI, MetaImage, NRRD, DICOM series), atomic writers, manifests."""
+
+from medvol.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_stale_temps, save_nifti
+from medvol.io.datalist import (
+    IMAGE_LABEL_DIRS,
+    case_name,
+    datalist_from_csv,
+    datalist_from_folder,
+    datalist_from_msd,
+    find_volumes,
+    load_datalist,
+)
+from medvol.io.dicom import is_dicom_dir, is_dicom_file, list_series, read_dicom_series, split_series_ref
+from medvol.io.manifest import MANIFEST_COLUMNS, STATUSES, Manifest, read_manifest
+from medvol.io.readers import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    VOLUME_SUFFIXES,
+    LoadVolume,
+    LoadVolumed,
+    VolumeReader,
+    is_volume_path,
+    volume_suffix,
+)

@@ -1,0 +1,222 @@
+"""Datalists (``[{"image": path, "label": path, ...}, ...]``, MONAI's format) from folders, MSD json and CSV.
+
+Sources:
+
+- a folder of volumes: every NIfTI / MetaImage / NRRD file and every DICOM series folder below it is one
+  image. When the folder has an images/labels pair of sub-folders (``imagesTr``/``labelsTr``,
+  ``images``/``labels``; nnU-Net and MSD layouts), images and labels are paired by name.
+- an MSD ``dataset.json`` (``training``: image/label dicts, ``test``: image paths), paths relative to it.
+- a CSV file with an ``image`` column, optional ``label`` and any other columns (kept as strings); relative
+  paths are resolved against the CSV's folder.
+
+Pairing by name: a volume's *case name* is its file name without the volume suffix and without an nnU-Net
+channel suffix (``case_0000.nii.gz`` -> ``case``). A label without an image, an image without a label
+(when the dataset has labels), or duplicate case names are errors that name the files involved.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+from medvol.errors import DataError
+from medvol.io.dicom import DICOM_SUFFIXES, is_dicom_dir, is_dicom_file, list_series
+from medvol.io.readers import volume_suffix
+
+__all__ = [
+    "case_name",
+    "find_volumes",
+    "datalist_from_folder",
+    "datalist_from_msd",
+    "datalist_from_csv",
+    "load_datalist",
+    "IMAGE_LABEL_DIRS",
+]
+
+# (images sub-folder, labels sub-folder) layouts recognised by datalist_from_folder, in priority order
+IMAGE_LABEL_DIRS = (("imagesTr", "labelsTr"), ("images", "labels"), ("imagesTs", "labelsTs"))
+_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """Case name of a volume: the file name without its suffix (and nnU-Net ``_0000``), or the folder name."""
+    name = Path(str(path).split("#", 1)[0]).name
+    suffix = volume_suffix(name)
+    if suffix:
+        name = name[: -len(suffix)]
+    elif Path(name).suffix.lower() in DICOM_SUFFIXES:
+        name = Path(name).stem
+    return _CHANNEL_SUFFIX.sub("", name)
+
+
+def find_volumes(root: str | os.PathLike) -> list[str]:
+    """All volumes below ``root`` in sorted order: volume files and DICOM series folders.
+
+    Hidden files and folders are ignored; MetaImage ``.raw`` companions are not volumes of their own.
+
+    Raises:
+        DataError: when ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "input folder does not exist" if not root.exists() else "not a folder")
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        visible = sorted(f for f in filenames if not f.startswith("."))
+        if any(is_dicom_file(here / f) for f in visible if volume_suffix(f) is None):
+            series = list_series(here)
+            # one volume per series; an unreadable folder stays listed so that loading reports why
+            found.extend([f"{here}#{uid}" for uid in series] if len(series) > 1 else [str(here)])
+        found.extend(str(here / f) for f in visible if volume_suffix(f) is not None)
+    return sorted(found)
+
+
+def _index_by_case(paths: list[str], role: str) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for p in paths:
+        name = case_name(p)
+        if name in index:
+            raise DataError(p, f"{role} case name '{name}' is also used by {index[name]}")
+        index[name] = p
+    return index
+
+
+def _pair(images: list[str], labels: list[str], image_dir: Path, allow_unlabeled: bool) -> list[dict]:
+    by_image = _index_by_case(images, "image")
+    by_label = _index_by_case(labels, "label")
+    for name, label in by_label.items():
+        if name not in by_image:
+            raise DataError(label, f"label has no matching image: expected an image named '{name}.*' in {image_dir}")
+    datalist = []
+    for name, image in by_image.items():
+        item = {"image": image}
+        if name in by_label:
+            item["label"] = by_label[name]
+        elif not allow_unlabeled:
+            raise DataError(image, f"image has no matching label named '{name}.*' (pass allow_unlabeled=True "
+                            "to keep unlabeled images)")
+        datalist.append(item)
+    return datalist
+
+
+def datalist_from_folder(root: str | os.PathLike, allow_unlabeled: bool = False) -> list[dict]:
+    """Datalist of every volume below ``root``; images and labels paired when an images/labels layout exists.
+
+    Args:
+        root: folder of volumes (NIfTI, MetaImage, NRRD, DICOM series folders), searched recursively.
+        allow_unlabeled: with an images/labels layout, keep images that have no label instead of raising.
+
+    Raises:
+        DataError: missing folder, no volume found, unpaired label or image, duplicate case names.
+
+    Example:
+        >>> datalist_from_folder("demo_data/hippocampus")[0]  # doctest: +SKIP
+        {'image': '.../imagesTr/hippocampus_004.nii.gz', 'label': '.../labelsTr/hippocampus_004.nii.gz'}
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder does not exist" if not root.exists() else "not a folder")
+    for image_sub, label_sub in IMAGE_LABEL_DIRS:
+        image_dir, label_dir = root / image_sub, root / label_sub
+        if image_dir.is_dir():
+            images = find_volumes(image_dir)
+            if not images:
+                raise DataError(image_dir, "no volumes found (NIfTI, MetaImage, NRRD or DICOM series)")
+            labels = find_volumes(label_dir) if label_dir.is_dir() else []
+            return _pair(images, labels, image_dir, allow_unlabeled=allow_unlabeled or not labels)
+    images = find_volumes(root)
+    if not images:
+        raise DataError(root, "no volumes found (NIfTI .nii/.nii.gz, MetaImage .mha/.mhd, NRRD, DICOM series)")
+    return [{"image": p} for p in images]
+
+
+def _resolve(base: Path, value: str, source: Path, column: str) -> str:
+    value = value.strip()
+    path = Path(value.split("#", 1)[0])
+    full = path if path.is_absolute() else (base / path)
+    if not full.exists():
+        raise DataError(source, f"{column} '{value}' does not exist (resolved to {full})")
+    return os.path.normpath(str(full)) + (("#" + value.split("#", 1)[1]) if "#" in value else "")
+
+
+def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training") -> list[dict]:
+    """Datalist from a Medical Segmentation Decathlon ``dataset.json``.
+
+    Args:
+        dataset_json: path of the json file; its paths are relative to its folder.
+        section: ``"training"`` (image/label pairs), ``"test"`` (images) or another list in the file.
+
+    Raises:
+        DataError: unreadable json, missing section, or a listed file that does not exist (named).
+    """
+    path = Path(dataset_json)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(path, f"cannot read MSD dataset.json ({e})") from e
+    if section not in meta or not isinstance(meta[section], list):
+        raise DataError(path, f"no list '{section}' in dataset.json (keys: {', '.join(meta)})")
+    datalist = []
+    for entry in meta[section]:
+        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
+        for key in ("image", "label"):
+            if key in entry:
+                entry[key] = _resolve(path.parent, entry[key], path, key)
+        datalist.append(entry)
+    if not datalist:
+        raise DataError(path, f"section '{section}' is empty")
+    return datalist
+
+
+def datalist_from_csv(csv_path: str | os.PathLike, image_column: str = "image",
+                      label_column: str = "label") -> list[dict]:
+    """Datalist from a CSV with an image column, optional label column and any other columns.
+
+    Other columns are kept as strings (e.g. ``age``, ``sex``); an empty label cell means "unlabeled".
+
+    Raises:
+        DataError: unreadable CSV, no image column, empty file, or a path that does not exist (row named).
+    """
+    path = Path(csv_path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot read CSV ({e})") from e
+    if not rows:
+        raise DataError(path, "CSV has no rows")
+    if image_column not in rows[0]:
+        raise DataError(path, f"CSV has no '{image_column}' column (columns: {', '.join(rows[0])})")
+    datalist = []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        item = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
+        if not item[image_column].strip():
+            raise DataError(path, f"line {i}: empty '{image_column}'")
+        item["image"] = _resolve(path.parent, item.pop(image_column), path, f"line {i} image")
+        label = item.pop(label_column, "")
+        if label and label.strip():
+            item["label"] = _resolve(path.parent, label, path, f"line {i} label")
+        datalist.append(item)
+    return datalist
+
+
+def load_datalist(source: str | os.PathLike, **kwargs) -> list[dict]:
+    """Datalist from a folder, an MSD ``dataset.json`` (any ``.json``) or a ``.csv`` file.
+
+    ``kwargs`` go to the matching function (e.g. ``allow_unlabeled``, ``section``, ``image_column``).
+    """
+    path = Path(source)
+    if path.is_dir() or (not path.exists() and not path.suffix):
+        if is_dicom_dir(path):
+            return [{"image": str(path)}]
+        return datalist_from_folder(path, **kwargs)
+    if path.suffix.lower() == ".json":
+        return datalist_from_msd(path, **kwargs)
+    if path.suffix.lower() == ".csv":
+        return datalist_from_csv(path, **kwargs)
+    raise DataError(path, "expected a folder, an MSD dataset.json or a .csv datalist")
