@@ -1,1 +1,1 @@
-"""medvol.apps."""
+"""medvol.apps: the ``medvol`` command line (preprocess, demo) and the batch runner behind it."""
