@@ -1,1 +1,20 @@
-"""medvol.losses."""
+"""medvol.losses: self-supervised losses in ``monai.losses`` style, ``forward(input, target, ...)``.
+
+- :class:`InfoNCELoss`: NT-Xent with labels or a positive/negative/ignore mask (SimCLR, Chaitanya G^R/G^D-/G^D).
+- :class:`MoCoLoss`: MoCo v2 with a queue of negatives (CAiD's instance discrimination).
+- :class:`LocalContrastiveLoss`: Chaitanya et al.'s region-level loss on 2D/3D decoder maps.
+- :class:`RestorationLoss`: masked MSE / L1 (context restoration).
+- :class:`LeCLLoss`: MoCo v3 with CLEAR's lesion-weighted denominator.
+
+Every loss computes its logits in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+from medvol.losses.infonce import InfoNCELoss
+from medvol.losses.lecl import LeCLLoss
+from medvol.losses.local_contrastive import LocalContrastiveLoss
+from medvol.losses.moco import MoCoLoss
+from medvol.losses.restoration import RestorationLoss
+
+__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss"]
