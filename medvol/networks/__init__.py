@@ -1,1 +1,40 @@
-"""medvol.networks."""
+"""medvol.networks: backbones with feature taps, heads, momentum encoders, the MoCo queue, pretrained loading.
+
+Backbones (:class:`UNet3D`, :class:`SwinBackbone`, built by name with :func:`build_backbone`) share the
+:class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode`` (coarse -> fine maps), ``forward_features``
+and ``forward`` (plain logits, usable as a MONAI bundle ``network_def``), with weights under ``encoder.``,
+``decoder.`` and ``head.`` so :func:`load_pretrained` can transfer the encoder alone.
+"""
+
+from __future__ import annotations
+
+from .factory import BACKBONES, Backbone, build_backbone, register_backbone, resolve_norm
+from .heads import ConvProjectionHead, GlobalPoolHead, MLPHead, PredictionHead, ProjectionHead
+from .momentum import copy_momentum_encoder, cosine_momentum, unwrap_module, update_momentum
+from .pretrained import load_pretrained
+from .queue import MoCoQueue
+from .swin import SwinBackbone
+from .unet import UNet3D, UNetDecoder, UNetEncoder
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "build_backbone",
+    "register_backbone",
+    "resolve_norm",
+    "UNet3D",
+    "UNetEncoder",
+    "UNetDecoder",
+    "SwinBackbone",
+    "MLPHead",
+    "ProjectionHead",
+    "PredictionHead",
+    "GlobalPoolHead",
+    "ConvProjectionHead",
+    "copy_momentum_encoder",
+    "update_momentum",
+    "cosine_momentum",
+    "unwrap_module",
+    "MoCoQueue",
+    "load_pretrained",
+]
