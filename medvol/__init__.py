@@ -13,3 +13,14 @@ Sub-packages (one concept per module):
 """
 
 __version__ = "0.1.0"
+
+_SUBPACKAGES = ("apps", "cluster", "engines", "errors", "io", "losses", "methods", "networks", "transforms")
+
+
+def __getattr__(name: str):
+    """Import sub-packages on first use, so ``import medvol`` is enough in bundle configs (``medvol.engines...``)."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"medvol.{name}")
+    raise AttributeError(f"module 'medvol' has no attribute {name!r}")

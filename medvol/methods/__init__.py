@@ -1,1 +1,5 @@
-"""medvol.methods."""
+"""medvol.methods: pretext tasks, each a module of views + loss on a shared backbone (see base.SSLMethod)."""
+
+from medvol.methods.base import SSLMethod
+from medvol.methods.caid import CAiD
+from medvol.methods.glcl import GlobalLocalContrastive, positive_mask

@@ -1,0 +1,84 @@
+"""Augmentation recipes for self-supervised views, composed from MONAI transforms.
+
+Each factory returns a ``Compose`` (or ``OneOf``), so it nests in a config's transform list.
+
+- :func:`intensity_augmentation`: the 3D analogue of ColorJitter + blur (scale/shift intensity, gamma,
+  Gaussian smoothing and noise), drawn independently for each view.
+- :func:`flip_augmentation`: random flips along each axis (spatial augmentation that keeps anatomy).
+- :func:`caid_distortion`: CAiD's context distortions in 3D, one per view: cut-out (holes set to 0),
+  out-painting (everything outside a few boxes set to 0) or local voxel shuffle (Models Genesis), or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.transforms import (
+    Compose,
+    Identityd,
+    OneOf,
+    RandAdjustContrastd,
+    RandCoarseDropoutd,
+    RandCoarseShuffled,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+
+__all__ = ["intensity_augmentation", "flip_augmentation", "caid_distortion"]
+
+
+def intensity_augmentation(key: str, prob: float = 0.8, strength: float = 0.4, blur_prob: float = 0.5,
+                           noise_prob: float = 0.2) -> Compose:
+    """Random intensity changes of one view (for images normalised to [0, 1]).
+
+    Args:
+        key: the view to augment (call once per view so each view gets its own draw).
+        prob: probability of each of scale, shift and gamma (ColorJitter's 0.8).
+        strength: relative size of scale/shift (ColorJitter brightness/contrast 0.4).
+        blur_prob: probability of Gaussian smoothing (sigma 0.5-1.5 voxels).
+        noise_prob: probability of additive Gaussian noise (std 0.05).
+    """
+    return Compose([
+        RandScaleIntensityd(key, factors=strength, prob=prob),
+        RandShiftIntensityd(key, offsets=strength / 4, prob=prob),
+        RandAdjustContrastd(key, gamma=(1 - strength, 1 + strength), prob=prob),
+        RandGaussianSmoothd(key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5), prob=blur_prob),
+        RandGaussianNoised(key, std=0.05, prob=noise_prob),
+    ])
+
+
+def flip_augmentation(keys, prob: float = 0.5, spatial_dims: int = 3) -> Compose:
+    """Independent random flips along each spatial axis, applied identically to ``keys``."""
+    return Compose([RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in range(spatial_dims)])
+
+
+def caid_distortion(key: str, roi_size: Sequence[int], weights: Sequence[float] = (0.3, 0.05, 0.3, 0.35),
+                    max_holes: int = 10) -> OneOf:
+    """One CAiD distortion per call for ``key``: cut-out, out-painting, local shuffle or none.
+
+    Sizes follow CAiD's 2D settings scaled to the 3D crop: cut-out boxes 5-30 % of the crop side (CAiD: 10-70
+    px of 224), out-painting keeps 1-3 boxes of 40-80 %, local shuffle permutes voxels inside up to
+    ``max_holes`` blocks of 5-15 %.
+
+    Args:
+        key: the view to distort.
+        roi_size: the view's spatial size.
+        weights: probabilities of (cut-out, out-painting, local shuffle, none); CAiD uses 0.3, 0.05, 0.3.
+        max_holes: largest number of cut-out boxes / shuffled blocks.
+    """
+    if len(weights) != 4 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"weights must be 4 non-negative numbers (cutout, outpaint, shuffle, none), got {weights}")
+
+    def frac(f):
+        return tuple(max(1, int(round(f * s))) for s in roi_size)
+
+    cutout = RandCoarseDropoutd(key, holes=1, max_holes=max_holes, spatial_size=frac(0.05),
+                                max_spatial_size=frac(0.3), fill_value=0.0, prob=1.0)
+    outpaint = RandCoarseDropoutd(key, holes=1, max_holes=3, spatial_size=frac(0.4), max_spatial_size=frac(0.8),
+                                  dropout_holes=False, fill_value=0.0, prob=1.0)
+    shuffle = RandCoarseShuffled(key, holes=1, max_holes=max_holes, spatial_size=frac(0.05),
+                                 max_spatial_size=frac(0.15), prob=1.0)
+    return OneOf([cutout, outpaint, shuffle, Identityd(key)], weights=list(weights))
