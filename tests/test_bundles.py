@@ -1,0 +1,282 @@
+"""The CAiD, global+local contrastive and few-shot segmentation bundles, run end to end on real MRI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLES_DIR, REPO_ROOT
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+SSL_BUNDLES = ["caid", "global_local_contrastive"]
+ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation"]
+SCHEMA = BUNDLES_DIR / "meta_schema.json"
+TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
+
+
+def _workflow(bundle: str, config: str = "train.json", **overrides) -> ConfigWorkflow:
+    root = BUNDLES_DIR / bundle
+    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
+                        logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
+                        bundle_root=str(root), **overrides)
+    wf.initialize()
+    return wf
+
+
+def _run(bundle: str, config: str = "train.json", **overrides) -> ConfigWorkflow:
+    wf = _workflow(bundle, config, **overrides)
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def hippo(demo_dir, tmp_path_factory) -> Path:
+    """Six labeled hippocampus volumes (MSD layout)."""
+    root = tmp_path_factory.mktemp("hippo")
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir()
+        for f in sorted((demo_dir / "hippocampus" / sub).iterdir())[:6]:
+            shutil.copy(f, root / sub / f.name)
+    return root
+
+
+def _ssl_overrides(bundle: str, data: Path, out: Path, **kw) -> dict:
+    base = {"dataset_dir": str(data), "output_dir": str(out), "max_epochs": 2, "batch_size": 2, "val_fraction": 0.2,
+            "pad_size": [32, 48, 32], **TINY}
+    if bundle == "caid":
+        base.update({"roi_size": [16, 16, 16], "method#queue_size": 16, "method#hidden_dim": 16})
+    else:
+        base.update({"roi_size": [16, 16, 8], "method#hidden_dim": 16, "method#local_levels": 2,
+                     "method#local_grid": [2, 2, 2]})
+    return {**base, **kw}
+
+
+@pytest.fixture(scope="module")
+def caid_run(hippo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("caid")
+    _run("caid", **_ssl_overrides("caid", hippo, out))
+    return out
+
+
+# ---- structure ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_bundle_layout_and_metadata(bundle):
+    root = BUNDLES_DIR / bundle
+    needed = ["configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/multi_gpu_train.json",
+              "configs/logging.conf", "docs/README.md", "LICENSE"]
+    if bundle == "fewshot_segmentation":
+        needed.append("configs/evaluate.json")
+    assert [f for f in needed if not (root / f).is_file()] == []
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))  # raises if invalid
+    train = json.loads((root / "configs" / "train.json").read_text())
+    for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs"):
+        assert key in train, f"{bundle}/train.json lacks {key}"
+
+
+def test_schema_rejects_incomplete_metadata(tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta = json.loads((BUNDLES_DIR / "caid" / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="channel_def"):
+        verify_metadata(meta_file=str(tmp_path / "m.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_network_def_is_the_same_in_every_config(bundle):
+    configs = sorted((BUNDLES_DIR / bundle / "configs").glob("*.json"))
+    seen = {}
+    for path in configs:
+        cfg = json.loads(path.read_text())
+        if "network_def" in cfg:
+            seen[path.name] = {k: cfg.get(k) for k in ("network_def", "backbone", "backbone_options")}
+    assert len(seen) >= 2 and all(v == seen["train.json"] for v in seen.values()), seen
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_verify_net_in_out(bundle):
+    from monai.bundle import verify_net_in_out
+
+    root = BUNDLES_DIR / bundle / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(root / "metadata.json"),
+                      config_file=str(root / "inference.json"), n=2, device="cpu")
+
+
+# ---- runs --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_caid_trains_and_embeds(caid_run, hippo):
+    state = torch.load(caid_run / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
+    assert (caid_run / "checkpoints" / "last.pt").is_file()
+    assert list((caid_run / "tensorboard").iterdir())
+    _run("caid", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(caid_run),
+         pad_size=[32, 48, 32], **TINY)
+    vectors = sorted((caid_run / "embeddings").glob("*.npy"))
+    assert len(vectors) == 6
+    emb = np.stack([np.load(v) for v in vectors])
+    assert emb.shape == (6, 16) and np.isfinite(emb).all() and emb.std(axis=0).max() > 0
+
+
+@pytest.mark.slow
+def test_global_local_runs_both_stages(hippo, tmp_path):
+    wf = _workflow("global_local_contrastive", **_ssl_overrides("global_local_contrastive", hippo, tmp_path,
+                                                                global_epochs=1))
+    method = wf.parser.get_parsed_content("method")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    seen = {}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.setdefault(method.stage, dict(e.state.output)))
+    encoder_after_global = {}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: encoder_after_global.update(
+        {k: v.clone() for k, v in method.backbone.encoder.state_dict().items()}))
+    wf.run()
+    wf.finalize()
+    assert set(seen) == {"global", "local"}
+    assert "loss_global" in seen["global"] and "loss_local" in seen["local"]
+    for k, v in method.backbone.encoder.state_dict().items():  # frozen during the local stage
+        assert torch.equal(v, encoder_after_global[k]), k
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
+    full = _run("caid", **_ssl_overrides("caid", hippo, tmp_path / "full"))
+    part = _workflow("caid", **_ssl_overrides("caid", hippo, tmp_path / "part"))
+    part.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # as if killed after epoch 1
+    part.run()
+    resumed = _run("caid", **_ssl_overrides("caid", hippo, tmp_path / "part", resume=True))
+    assert resumed.parser.get_parsed_content("train#trainer").state.epoch == 2
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["method"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["method"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert full is not None
+
+
+@pytest.mark.slow
+def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
+    ckpt = caid_run / "models" / "model.pt"
+    common = {"dataset_dir": str(hippo), "output_dir": str(tmp_path), "roi_size": [16, 32, 16], **TINY}
+    wf = _workflow("fewshot_segmentation", **common, pretrained_checkpoint=str(ckpt), num_labeled=2, seed=1,
+                   max_epochs=1, iterations_per_epoch=3)
+    net = wf.parser.get_parsed_content("network_def")
+    pretrained = torch.load(ckpt, weights_only=True)
+    for key, value in net.state_dict().items():  # encoder and decoder loaded, the 3-class head is new
+        if key.startswith(("encoder.", "decoder.")):
+            torch.testing.assert_close(value, pretrained[key], msg=key)
+    assert net.head.conv.weight.shape[0] == 3
+    assert len(wf.parser.get_parsed_content("labeled")) == 2
+    wf.run()
+    wf.finalize()
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+    _run("fewshot_segmentation", "evaluate.json", **common)
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "dice_per_volume.csv")))
+    assert len(rows) == 6 and list(rows[0]) == ["case", "anterior", "posterior", "mean"]
+    summary = json.loads((tmp_path / "eval" / "dice_summary.json").read_text())
+    assert summary["n_volumes"] == 6 and 0 <= summary["mean_dice"]["mean"] <= 1
+    assert summary["mean_dice"]["mean"] == pytest.approx(np.mean([float(r["mean"]) for r in rows]), abs=1e-5)
+
+    _run("fewshot_segmentation", "inference.json", **{**common, "dataset_dir": str(hippo / "imagesTr")})
+    for image in sorted((hippo / "imagesTr").iterdir()):
+        seg = nib.load(tmp_path / "segmentations" / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        src = nib.load(image)
+        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_monai_label_style_inference(caid_run, hippo, tmp_path):
+    """Mimic MONAI Label's bundle infer task: ids from inference.json, checkpoint.get('model', checkpoint)."""
+    root = BUNDLES_DIR / "fewshot_segmentation"
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    image_key = next(iter(meta["network_data_format"]["inputs"]))
+    pred_key = next(iter(meta["network_data_format"]["outputs"]))
+    labels = meta["network_data_format"]["outputs"][pred_key]["channel_def"]
+    assert (image_key, pred_key) == ("image", "pred") and labels == {"0": "background", "1": "anterior",
+                                                                     "2": "posterior"}
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(root), "dataset_dir": str(hippo), "output_dir": str(tmp_path), **TINY})
+    for needed in ("network_def", "preprocessing", "postprocessing", "inferer"):
+        assert needed in parser
+    net = parser.get_parsed_content("network_def")
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    net.load_state_dict(checkpoint.get("model", checkpoint))
+    image = str(sorted((hippo / "imagesTr").iterdir())[0])
+    data = parser.get_parsed_content("preprocessing")({image_key: image})
+    with torch.no_grad():
+        data[pred_key] = parser.get_parsed_content("inferer")(data[image_key][None], net.eval())[0]
+    post = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ != "SaveImaged"]
+    from monai.transforms import Compose
+
+    out = Compose(post)(data)
+    assert out[pred_key].shape[1:] == nib.load(image).shape
+
+
+# ---- user errors and scale-out (subprocesses: what a user sees) -----------------------------------------
+
+
+def _cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "label_without_image", "unknown_backbone"])
+def test_wrong_config_gives_one_clear_line(case, hippo, tmp_path):
+    data = {"missing_dir": tmp_path / "nope", "empty_dir": tmp_path / "empty", "label_without_image": tmp_path / "lw",
+            "unknown_backbone": hippo}[case]
+    if case == "empty_dir":
+        data.mkdir()
+    if case == "label_without_image":
+        shutil.copytree(hippo, data)
+        (data / "imagesTr" / "hippocampus_004.nii.gz").unlink()
+    extra = ["--backbone", "resnet"] if case == "unknown_backbone" else []
+    bundle = "fewshot_segmentation" if case == "label_without_image" else "caid"
+    proc = _cli(["--config_file", f"bundles/{bundle}/configs/train.json", "--bundle_root", f"bundles/{bundle}",
+                 "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1", *extra])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("medvol: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    expected = {"missing_dir": "does not exist", "empty_dir": "no volumes found",
+                "label_without_image": "hippocampus_004.nii.gz: label has no matching image",
+                "unknown_backbone": "unknown backbone 'resnet'"}[case]
+    assert expected in errors[0]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(hippo, tmp_path):
+    out = tmp_path / "ddp"
+    overrides = _ssl_overrides("caid", hippo, out, max_epochs=1)
+    args = ["--config_file", "['bundles/caid/configs/train.json','bundles/caid/configs/multi_gpu_train.json']",
+            "--bundle_root", "bundles/caid", "--logging_file", "bundles/caid/configs/logging.conf"]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "monai.bundle", "run", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "models" / "model.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["method"])  # saved unwrapped
