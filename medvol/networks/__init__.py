@@ -8,11 +8,21 @@ and ``forward`` (plain logits, usable as a MONAI bundle ``network_def``), with w
 
 from __future__ import annotations
 
+from .embedding import EmbeddingNet
 from .factory import BACKBONES, Backbone, build_backbone, register_backbone, resolve_norm
 from .heads import ConvProjectionHead, GlobalPoolHead, MLPHead, PredictionHead, ProjectionHead
+from .mil import ABMIL, MIL_POOLINGS, PMA, MILOutput, build_mil_network, masked_softmax
 from .momentum import copy_momentum_encoder, cosine_momentum, unwrap_module, update_momentum
 from .pretrained import load_pretrained
 from .queue import MoCoQueue
+from .slice_encoders import (
+    SLICE_ENCODERS,
+    GatedCNNBlock,
+    GatedCNNSliceEncoder,
+    ResNetSliceEncoder,
+    ViTSliceEncoder,
+    build_slice_encoder,
+)
 from .swin import SwinBackbone
 from .unet import UNet3D, UNetDecoder, UNetEncoder
 
@@ -37,4 +47,17 @@ __all__ = [
     "unwrap_module",
     "MoCoQueue",
     "load_pretrained",
+    "EmbeddingNet",
+    "ABMIL",
+    "PMA",
+    "MILOutput",
+    "MIL_POOLINGS",
+    "build_mil_network",
+    "masked_softmax",
+    "SLICE_ENCODERS",
+    "GatedCNNBlock",
+    "GatedCNNSliceEncoder",
+    "ResNetSliceEncoder",
+    "ViTSliceEncoder",
+    "build_slice_encoder",
 ]

@@ -1,4 +1,18 @@
 """medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views)."""
 
+from medvol.transforms.augment import caid_distortion, flip_augmentation, intensity_augmentation
+from medvol.transforms.lesion import (
+    LesionBoxesd,
+    RandLesionSliceViewsd,
+    RandSolarize,
+    RandSolarized,
+    lecl_view_augmentation,
+    lesion_boxes_from_mask,
+    load_lesion_boxes,
+)
+from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset
+from medvol.transforms.save import SaveEmbeddingd
+from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinite, EnsureFinited, source_of
+from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd, box_iou, overlap_in_views

@@ -1,0 +1,435 @@
+"""Lesion-aware 2.5D view pairs for LeCL (CLEAR) pretraining, and their 2D intensity augmentation.
+
+CLEAR (KatherLab/CLEAR, "lesion-enhanced contrastive learning") pairs, for a slice with a lesion, a crop around
+the lesion with the whole slice; other slices give two random-resized crops. This module does the same on 3D
+volumes: lesions come from a label mask (connected components, :func:`lesion_boxes_from_mask`) or from a CSV of
+boxes (DeepLesion style, :func:`load_lesion_boxes`); the crop is centred on the lesion *box centre* plus a
+bounded jitter (CLEAR's code centres it on the box corner ``(x1, y2)``, which we do not reproduce).
+
+Lesion boxes are float arrays ``(n, 6)``: ``[lesion_id, slice, x0, y0, x1, y1]``, in slice voxel coordinates
+of the volume grid (``x`` along the first in-plane axis, see :mod:`medvol.transforms.slices`), half-open.
+Rows sharing ``lesion_id`` are the cross-sections of one lesion.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    Identityd,
+    MapTransform,
+    OneOf,
+    RandFlipd,
+    RandGaussianSmoothd,
+    Randomizable,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    ScaleIntensityRanged,
+)
+from monai.utils import TransformBackends
+from scipy import ndimage
+
+from medvol.errors import DataError
+from medvol.transforms.slices import (
+    _as_volume,
+    _check_int,
+    _check_size,
+    check_windows,
+    crop_resize,
+    fit_box,
+    render_slices,
+    slice_pad_value,
+)
+
+__all__ = [
+    "lesion_boxes_from_mask",
+    "load_lesion_boxes",
+    "LesionBoxesd",
+    "RandLesionSliceViewsd",
+    "RandSolarize",
+    "RandSolarized",
+    "lecl_view_augmentation",
+]
+
+
+def lesion_boxes_from_mask(mask, axis: int = 2, min_voxels: int = 1) -> np.ndarray:
+    """Per-slice boxes of the 3D connected components (26-connectivity) of ``mask > 0``.
+
+    Args:
+        mask: ``(X, Y, Z)`` or channel-first ``(C, X, Y, Z)`` (any channel > 0 is lesion).
+        axis: spatial axis sliced.
+        min_voxels: components smaller than this are ignored (specks).
+
+    Returns:
+        ``(n, 6)`` float64 rows ``[lesion_id, slice, x0, y0, x1, y1]`` (ids 0.. in component order).
+    """
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    m = (m > 0).any(0) if m.ndim == 4 else m > 0
+    if m.ndim != 3:
+        raise ValueError(f"mask must be (X, Y, Z) or (C, X, Y, Z), got shape {tuple(np.shape(mask))}.")
+    comps, _ = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comps.ravel())
+    rows, lesion_id = [], 0
+    for cid, region in enumerate(ndimage.find_objects(comps), start=1):
+        if region is None or sizes[cid] < min_voxels:
+            continue
+        start = [s.start for s in region]
+        sub = np.moveaxis(comps[region] == cid, axis, 0)  # (slices, h, w) of this component
+        ox, oy = (start[i] for i in range(3) if i != axis)
+        for k, plane in enumerate(sub):
+            xs, ys = np.nonzero(plane.any(1))[0], np.nonzero(plane.any(0))[0]
+            if xs.size:
+                rows.append([lesion_id, start[axis] + k, ox + xs[0], oy + ys[0], ox + xs[-1] + 1, oy + ys[-1] + 1])
+        lesion_id += 1
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+
+
+def load_lesion_boxes(csv_path: str | os.PathLike, case_column: str = "case", slice_column: str = "slice",
+                      box_columns: str | Sequence[str] = ("x1", "y1", "x2", "y2"), slice_base: int = 0,
+                      transpose_xy: bool = False, case_fn: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
+    """Read lesion boxes from a CSV into one ``(n, 6)`` array per case (each row = one lesion).
+
+    Args:
+        csv_path: CSV file with a header row.
+        case_column: column naming the volume (e.g. its file name).
+        slice_column: column with the slice index along the sliced axis.
+        box_columns: four columns ``x1, y1, x2, y2``, or one column holding the four numbers
+            (DeepLesion's ``Bounding_boxes``: ``"x1, y1, x2, y2"``).
+        slice_base: index of the first slice in the CSV (1 for 1-based indices).
+        transpose_xy: swap x and y (the CSV's x is the column of a row-major image, our x the first array axis).
+        case_fn: maps the case cell to the dictionary key (e.g. strip a folder); ``None`` keeps it.
+
+    Returns:
+        ``{case: array (n, 6)}`` with rows ``[lesion_id, slice, x0, y0, x1, y1]``.
+
+    Raises:
+        DataError: unreadable file, missing columns, a non-numeric value or an empty box (names file and row).
+
+    Example:
+        >>> boxes = load_lesion_boxes("DL_info.csv", case_column="File_name", slice_column="Key_slice_index",
+        ...                           box_columns="Bounding_boxes")  # doctest: +SKIP
+    """
+    path = os.fspath(csv_path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot read the lesion box CSV ({e})") from e
+    cols = [box_columns] if isinstance(box_columns, str) else list(box_columns)
+    if len(cols) not in (1, 4):
+        raise ValueError(f"box_columns must be one column name or four, got {box_columns!r}.")
+    missing = [c for c in (case_column, slice_column, *cols) if c not in header]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'no rows'}")
+    out: dict[str, list] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            cells = re.split(r"[,;\s]+", row[cols[0]].strip()) if len(cols) == 1 else [row[c] for c in cols]
+            x0, y0, x1, y1 = (float(v) for v in cells)
+            z = int(float(row[slice_column])) - slice_base
+        except (AttributeError, TypeError, ValueError) as e:
+            raise DataError(path, f"row {line}: expected a slice index and four box numbers ({e})") from e
+        if transpose_xy:
+            x0, y0, x1, y1 = y0, x0, y1, x1
+        if not (x1 > x0 and y1 > y0) or z < 0:
+            raise DataError(path, f"row {line}: empty box {[x0, y0, x1, y1]} or negative slice {z}")
+        case = row[case_column] if case_fn is None else case_fn(row[case_column])
+        lesions = out.setdefault(case, [])
+        lesions.append([len(lesions), z, x0, y0, x1, y1])  # each row is its own lesion
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+class LesionBoxesd(MapTransform):
+    """Compute the lesion boxes of a mask once (deterministic, so ``CacheDataset`` can keep them).
+
+    Connected components cost ~0.05 s on a 120 x 126 x 164 mask and grow with the volume; run this before
+    :class:`RandLesionSliceViewsd` (``label_key=None, boxes_key=boxes_key``) instead of labelling every draw.
+
+    Args:
+        keys: the lesion mask key (one key; any voxel > 0 is lesion).
+        boxes_key: where the ``(n, 6)`` float64 boxes go.
+        axis, min_voxels: as in :func:`lesion_boxes_from_mask`.
+        remove_mask: delete the mask from the output (it is not needed once boxed).
+        allow_missing_keys: skip samples without a mask (they get no boxes: lesion-free).
+    """
+
+    def __init__(self, keys: KeysCollection = "label", boxes_key: str = "boxes", axis: int = 2, min_voxels: int = 1,
+                 remove_mask: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"LesionBoxesd takes one mask key, got {self.keys!r}.")
+        self.boxes_key, self.axis, self.remove_mask = boxes_key, axis, remove_mask
+        self.min_voxels = _check_int("min_voxels", min_voxels, 1)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.boxes_key] = lesion_boxes_from_mask(d[key], self.axis, self.min_voxels)
+            if self.remove_mask:
+                del d[key]
+        return d
+
+
+def _box_array(boxes) -> np.ndarray:
+    b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    if b.size == 0:
+        return np.zeros((0, 6))
+    if b.ndim != 2 or b.shape[1] not in (5, 6):
+        raise ValueError(f"boxes must be (n, 6) [lesion_id, slice, x0, y0, x1, y1] or (n, 5), got {b.shape}.")
+    return b if b.shape[1] == 6 else np.concatenate([np.arange(len(b))[:, None], b], 1)
+
+
+class RandLesionSliceViewsd(Randomizable, MapTransform):
+    """Two 2D views of one slice: a lesion pair (crop centred on a lesion, whole slice) or two random crops.
+
+    With probability ``lesion_prob``, and only if the volume has lesions, a lesion is drawn uniformly, then one
+    of its slices; view 1 is a crop whose sides are drawn in ``crop_size_range`` x the slice side (enlarged so
+    the lesion box fits despite the jitter: side >= box side / (1 - 2 jitter)), centred on the box centre +
+    ``U(-jitter, jitter)`` x side; view 2 is the whole slice. Otherwise a slice is drawn uniformly and both
+    views are RandomResizedCrop draws (area ``scale``, aspect ``ratio`` = w / h). Crops reaching outside the
+    slice are padded with the volume minimum. Each view is resized to ``spatial_size`` (stretched; the whole
+    slice keeps its aspect when ``keep_aspect``).
+
+    Writes ``{key}{suffix}`` ``(C, H, W)`` per key and suffix, ``is_lesion`` (0-dim bool), ``box{suffix}``
+    (long ``[x0, y0, x1, y1]`` actually cropped, slice voxel coords), ``lesion_box`` (float box, NaN without
+    lesion) and ``slice_index``. With ``remove_source`` the volumes, label and boxes are removed so the
+    samples collate into batches.
+
+    Args:
+        keys: image volumes ``(C_in, X, Y, Z)`` on one grid (the same draw for all).
+        label_key: lesion mask (any voxel > 0), or ``None``.
+        boxes_key: lesion boxes (see the module docstring; ``(n, 5)`` without ids also works), or ``None``;
+            used instead of ``label_key`` when present in the data.
+        lesion_prob: probability of a lesion pair when the volume has lesions.
+        spatial_size: view size ``(H, W)``; ``None`` keeps each crop's own size (for inspection: views of
+            different sizes do not batch).
+        crop_size_range: lesion crop side as a fraction of the slice side (drawn per side).
+        jitter: crop centre offset bound, as a fraction of the crop side, in ``[0, 0.5)``.
+        context, windows, axis, keep_aspect: as in :class:`~medvol.transforms.VolumeToSlices`.
+        scale, ratio: RandomResizedCrop area fraction and aspect ranges for non-lesion pairs.
+        min_lesion_voxels: mask components smaller than this are ignored.
+        suffixes: view name suffixes.
+        remove_source: delete ``keys``, ``label_key`` and ``boxes_key`` from the output.
+        allow_missing_keys: skip absent image keys; an absent label/boxes key then means "no lesion".
+
+    Raises:
+        ValueError: for bad arguments, or a label/boxes that do not fit the image.
+        KeyError: when the label/boxes key is absent and ``allow_missing_keys`` is False.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, keys: KeysCollection = "image", label_key: str | None = "label", boxes_key: str | None = None,
+                 lesion_prob: float = 0.5, spatial_size: Sequence[int] | None = (224, 224),
+                 crop_size_range: tuple[float, float] = (0.3, 0.9), jitter: float = 0.1, context: int = 1,
+                 windows=None, axis: int = 2, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), keep_aspect: bool = True, min_lesion_voxels: int = 1,
+                 suffixes: tuple[str, str] = ("_v1", "_v2"), remove_source: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if label_key is None and boxes_key is None:
+            raise ValueError("give label_key (a lesion mask) or boxes_key (lesion boxes), or both.")
+        if not 0.0 <= lesion_prob <= 1.0:
+            raise ValueError(f"lesion_prob must be in [0, 1], got {lesion_prob!r}.")
+        lo, hi = crop_size_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop_size_range must satisfy 0 < low <= high, got {crop_size_range!r}.")
+        if not 0.0 <= jitter < 0.5:
+            raise ValueError(f"jitter must be in [0, 0.5), got {jitter!r}.")
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"scale must be in (0, 1] and increasing, ratio positive and increasing; got {scale!r}, "
+                             f"{ratio!r}.")
+        if axis not in (0, 1, 2) or len(suffixes) != 2 or suffixes[0] == suffixes[1]:
+            raise ValueError(f"axis must be 0, 1 or 2 and suffixes two distinct strings; got {axis!r}, {suffixes!r}.")
+        self.label_key, self.boxes_key, self.lesion_prob = label_key, boxes_key, float(lesion_prob)
+        self.spatial_size = _check_size(spatial_size)
+        self.crop_size_range, self.jitter = (float(lo), float(hi)), float(jitter)
+        self.context, self.windows = _check_int("context", context, 0), check_windows(windows)
+        self.axis, self.scale, self.ratio, self.keep_aspect = axis, tuple(scale), tuple(ratio), keep_aspect
+        self.min_lesion_voxels = _check_int("min_lesion_voxels", min_lesion_voxels, 1)
+        self.suffixes, self.remove_source = tuple(suffixes), remove_source
+        self._draw: tuple | None = None
+
+    def lesion_boxes(self, d: Mapping, shape: Sequence[int]) -> np.ndarray:
+        """The ``(n, 6)`` lesion boxes of sample ``d`` whose image has spatial ``shape`` (X, Y, Z)."""
+        if self.boxes_key is not None and self.boxes_key in d:
+            boxes = _box_array(d[self.boxes_key])
+        elif self.label_key is not None and self.label_key in d:
+            label = _as_volume(d[self.label_key], str(self.label_key))
+            if tuple(label.shape[1:]) != tuple(shape):
+                raise ValueError(f"{self.label_key!r} has spatial shape {tuple(label.shape[1:])}, the image "
+                                 f"{tuple(shape)}; they must share the voxel grid.")
+            return lesion_boxes_from_mask(label, self.axis, self.min_lesion_voxels)
+        elif self.allow_missing_keys:
+            return np.zeros((0, 6))
+        else:
+            raise KeyError(f"neither {self.boxes_key!r} nor {self.label_key!r} is in the data; set "
+                           "allow_missing_keys=True to treat such volumes as lesion-free.")
+        n_slices = shape[self.axis]
+        bad = (boxes[:, 1] < 0) | (boxes[:, 1] >= n_slices)
+        if bad.any():
+            raise ValueError(f"lesion box slice {int(boxes[bad][0, 1])} is outside the {n_slices} slices.")
+        return boxes
+
+    def randomize(self, data) -> None:
+        """Draw the pair for a volume: ``data = (spatial shape (X, Y, Z), boxes (n, 6))``."""
+        shape, boxes = data
+        n_slices = shape[self.axis]
+        h, w = (s for i, s in enumerate(shape) if i != self.axis)
+        lesion = self.R.rand() < self.lesion_prob and len(boxes) > 0
+        if lesion:
+            ids = np.unique(boxes[:, 0])
+            rows = boxes[boxes[:, 0] == ids[self.R.randint(len(ids))]]
+            row = rows[self.R.randint(len(rows))]
+            z, lesion_box = int(row[1]), tuple(float(v) for v in row[2:6])
+            box1 = self._lesion_crop(h, w, lesion_box)
+            box2 = fit_box(h, w, self.spatial_size, self.keep_aspect)
+        else:
+            z, lesion_box = int(self.R.randint(n_slices)), (math.nan,) * 4
+            box1, box2 = self._random_resized_crop(h, w), self._random_resized_crop(h, w)
+        self._draw = (bool(lesion), z, lesion_box, box1, box2)
+
+    def _lesion_crop(self, h: int, w: int, box: tuple[float, ...]) -> tuple[int, ...]:
+        out = []
+        for side, lo_edge, hi_edge in ((h, box[0], box[2]), (w, box[1], box[3])):
+            size = self.R.uniform(*self.crop_size_range) * side
+            size = max(size, (hi_edge - lo_edge) / (1.0 - 2.0 * self.jitter), 1.0)  # the box fits after jitter
+            centre = (lo_edge + hi_edge) / 2 + self.R.uniform(-self.jitter, self.jitter) * size
+            out.append((math.floor(centre - size / 2), math.ceil(centre + size / 2)))
+        (x0, x1), (y0, y1) = out
+        return (x0, y0, x1, y1)
+
+    def _random_resized_crop(self, h: int, w: int) -> tuple[int, ...]:
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            area = h * w * self.R.uniform(*self.scale)
+            aspect = math.exp(self.R.uniform(*log_ratio))  # w / h
+            ch, cw = round(math.sqrt(area / aspect)), round(math.sqrt(area * aspect))
+            if 0 < ch <= h and 0 < cw <= w:
+                x0, y0 = self.R.randint(0, h - ch + 1), self.R.randint(0, w - cw + 1)
+                return (x0, y0, x0 + ch, y0 + cw)
+        aspect = min(max(w / h, self.ratio[0]), self.ratio[1])  # fallback: central crop of a valid aspect
+        ch, cw = (h, min(w, round(h * aspect))) if w / h >= aspect else (min(h, round(w / aspect)), w)
+        x0, y0 = (h - ch) // 2, (w - cw) // 2
+        return (x0, y0, x0 + ch, y0 + cw)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        vols = {k: _as_volume(d[k], str(k)) for k in keys}
+        shape = tuple(vols[keys[0]].shape[1:])
+        for k, v in vols.items():
+            if tuple(v.shape[1:]) != shape:
+                raise ValueError(f"{k!r} has spatial shape {tuple(v.shape[1:])}, {keys[0]!r} {shape}.")
+        self.randomize((shape, self.lesion_boxes(d, shape)))
+        lesion, z, lesion_box, box1, box2 = self._draw
+        for k, vol in vols.items():
+            sample = render_slices(vol, [z], self.axis, self.context, self.windows)  # (1, C, h, w)
+            pad = slice_pad_value(vol, self.context, self.windows)
+            for suffix, box in zip(self.suffixes, (box1, box2)):
+                d[f"{k}{suffix}"] = crop_resize(sample, box, self.spatial_size, "bilinear", pad)[0]
+        for suffix, box in zip(self.suffixes, (box1, box2)):
+            d[f"box{suffix}"] = torch.tensor(box, dtype=torch.long)
+        d["is_lesion"] = torch.tensor(lesion)
+        d["lesion_box"] = torch.tensor(lesion_box, dtype=torch.float32)
+        d["slice_index"] = torch.tensor(z)
+        if self.remove_source:
+            for k in (*keys, self.label_key, self.boxes_key):
+                d.pop(k, None)
+        return d
+
+
+class RandSolarize(RandomizableTransform):
+    """With probability ``prob``, invert intensities at or above ``threshold``: ``v -> max_value - v``.
+
+    The float version of torchvision's ``RandomSolarize`` (BYOL / MoCo v3 apply it to one view), for
+    intensities in ``[0, max_value]``.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, prob: float = 0.2, threshold: float = 0.5, max_value: float = 1.0) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.threshold, self.max_value = float(threshold), float(max_value)
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize(None)
+        if not self._do_transform:
+            return img
+        return torch.where(img >= self.threshold, self.max_value - img, img)
+
+
+class RandSolarized(RandomizableTransform, MapTransform):
+    """Dictionary version of :class:`RandSolarize` (one draw for all keys)."""
+
+    backend = RandSolarize.backend
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.2, threshold: float = 0.5, max_value: float = 1.0,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.solarize = RandSolarize(1.0, threshold, max_value)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = self.solarize(d[key], randomize=False)
+        return d
+
+
+def lecl_view_augmentation(keys: Sequence[str] = ("image_v1", "image_v2"), asymmetric: bool = True,
+                           brightness: float = 0.4, contrast: float = 0.4, jitter_prob: float = 0.8,
+                           blur_sigma: tuple[float, float] = (0.1, 2.0), solarize_threshold: float = 0.5,
+                           flip_axis: int = 0, clip: tuple[float, float] | None = (0.0, 1.0)) -> Compose:
+    """CLEAR / MoCo v3 2D view augmentation, each view with its own random draws.
+
+    Per view: flip along ``flip_axis`` (p 0.5; 0 = the first in-plane axis, left-right on RAS axial slices),
+    with probability ``jitter_prob`` brightness ``v * U(1 - b, 1 + b)`` then contrast around the image mean
+    ``(v - m) * U(1 - c, 1 + c) + m`` (torchvision's ColorJitter; saturation/hue/grayscale do not apply to
+    intensity channels), clip to ``clip``, Gaussian blur (sigma per axis in ``blur_sigma`` pixels), solarize.
+    ``asymmetric`` (BYOL / MoCo v3): view 1 blur p 1.0, view 2 blur p 0.1 and solarize p 0.2; otherwise
+    (MoCo v2) blur p 0.5 and no solarize for every view. Views come out as plain tensors.
+
+    Args:
+        keys: the view keys (exactly two when ``asymmetric``).
+        clip: intensity range after jitter (windowed CT is in [0, 1]); ``None`` does not clip.
+
+    Raises:
+        ValueError: for ``asymmetric`` with a number of keys other than two, or probabilities outside [0, 1].
+    """
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if asymmetric and len(keys) != 2:
+        raise ValueError(f"asymmetric augmentation needs exactly two view keys, got {keys!r}.")
+    if not 0.0 <= jitter_prob <= 1.0:
+        raise ValueError(f"jitter_prob must be in [0, 1], got {jitter_prob!r}.")
+    steps = []
+    for i, key in enumerate(keys):
+        blur_p, solarize_p = ((1.0, 0.0), (0.1, 0.2))[i] if asymmetric else (0.5, 0.0)
+        jitter = Compose([RandScaleIntensityd(key, factors=brightness, prob=1.0),
+                          RandScaleIntensityFixedMeand(key, factors=contrast, fixed_mean=True, prob=1.0)])
+        steps += [RandFlipd(key, prob=0.5, spatial_axis=flip_axis),
+                  OneOf([jitter, Identityd(key)], weights=[jitter_prob, 1.0 - jitter_prob])]
+        if clip is not None:
+            steps.append(ScaleIntensityRanged(key, a_min=clip[0], a_max=clip[1], b_min=clip[0], b_max=clip[1],
+                                              clip=True))
+        steps += [RandGaussianSmoothd(key, sigma_x=blur_sigma, sigma_y=blur_sigma, prob=blur_p),
+                  RandSolarized(key, prob=solarize_p, threshold=solarize_threshold,
+                                max_value=1.0 if clip is None else clip[1] + clip[0])]
+    steps.append(EnsureTyped(keys, data_type="tensor", track_meta=False))
+    return Compose(steps)

@@ -1,0 +1,135 @@
+"""2.5D slice samples on real scans: windows, context channels, border replication, resizing, random slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, Orientationd
+
+from medvol.io import LoadVolume, LoadVolumed
+from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
+
+
+@pytest.fixture(scope="module")
+def ct(demo_dir):
+    return LoadVolume()(demo_dir / "ct" / "example_ct_sm.nii.gz")  # (1, 122, 101, 30) HU
+
+
+@pytest.fixture(scope="module")
+def breast(demo_dir):
+    keys = ["image", "label"]
+    pre = Compose([LoadVolumed(keys), Orientationd(keys, axcodes="RAS", labels=None)])
+    return pre({"image": str(demo_dir / "nrrd" / "breast1_image.nrrd"),
+                "label": str(demo_dir / "nrrd" / "breast1_label.nrrd")})  # (1, 45, 120, 21), lesion on z 8..10
+
+
+def _window(hu, lo, hi):
+    return np.clip((np.asarray(hu, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def test_windows_and_context_channels_match_the_hu_volume(ct):
+    hu = ct[0].numpy()
+    windows = [(-160.0, 240.0), "lung"]
+    stack, z = VolumeToSlices(context=1, windows=windows, spatial_size=None, return_index=True)(ct)
+    assert stack.shape == (30, 6, 122, 101) and stack.dtype == torch.float32
+    assert z.tolist() == list(range(30))
+    lung = CT_WINDOWS["lung"]
+    # a known voxel: channels = window-major, then slice offsets -1, 0, +1
+    i, j, k = 61, 50, 12
+    expected = [_window(hu[i, j, k + o], -160, 240) for o in (-1, 0, 1)]
+    expected += [_window(hu[i, j, k + o], *lung) for o in (-1, 0, 1)]
+    np.testing.assert_allclose(stack[k, :, i, j].numpy(), expected, atol=1e-6)
+    # whole planes: channel 0 of slice k is the soft-tissue rendering of slice k - 1
+    np.testing.assert_allclose(stack[k, 0].numpy(), _window(hu[:, :, k - 1], -160, 240), atol=1e-6)
+    np.testing.assert_allclose(stack[k, 5].numpy(), _window(hu[:, :, k + 1], *lung), atol=1e-6)
+    # border slices replicate: slice 0 has no slice -1, slice 29 no slice 30
+    torch.testing.assert_close(stack[0, 0], stack[0, 1])
+    torch.testing.assert_close(stack[29, 2], stack[29, 1])
+    assert not torch.equal(stack[1, 0], stack[1, 1])
+
+
+def test_raw_intensities_context_and_stride(ct):
+    stack, z = VolumeToSlices(context=2, spatial_size=None, stride=4, return_index=True)(ct)
+    assert z.tolist() == [0, 4, 8, 12, 16, 20, 24, 28] and stack.shape == (8, 5, 122, 101)
+    for n, k in enumerate(z.tolist()):
+        for c, o in enumerate(range(-2, 3)):
+            np.testing.assert_array_equal(stack[n, c].numpy(), ct[0, :, :, min(max(k + o, 0), 29)].numpy())
+
+
+def test_resize_keeps_aspect_by_padding_with_the_window_minimum(ct):
+    same = VolumeToSlices(context=0, windows=["soft_tissue"], spatial_size=(122, 101))(ct)
+    native = VolumeToSlices(context=0, windows=["soft_tissue"], spatial_size=None)(ct)
+    torch.testing.assert_close(same, native)  # native size: no padding, no interpolation
+    out = VolumeToSlices(context=0, windows=["soft_tissue"], spatial_size=(64, 64))(ct)
+    assert out.shape == (30, 1, 64, 64)
+    # 122 x 101 padded to 122 x 122 (10 columns before, 11 after), then resized: border columns are padding
+    assert float(out[..., :4].abs().max()) == 0.0 and float(out[..., -4:].abs().max()) == 0.0
+    assert float(out[..., 20:44].max()) > 0.9  # body inside
+    stretched = VolumeToSlices(context=0, windows=["soft_tissue"], spatial_size=(64, 64), keep_aspect=False)(ct)
+    assert not torch.equal(out, stretched)
+    mid = stretched[15, 0].mean().item()
+    assert abs(mid - native[15, 0].mean().item()) < 0.02  # bilinear resize keeps the mean level
+
+
+def test_skip_empty_slices_and_axis(ct):
+    vol = ct.clone()
+    vol[..., :5] = -2000.0  # five empty (below air) slices
+    z = VolumeToSlices(spatial_size=(32, 32), skip_empty_threshold=-1500.0, return_index=True)(vol)[1]
+    assert z.tolist() == list(range(5, 30))
+    sag = VolumeToSlices(axis=0, context=0, spatial_size=None)(ct)
+    assert sag.shape == (122, 1, 101, 30)
+    torch.testing.assert_close(sag[60, 0], ct[0, 60].float())
+
+
+def test_dictionary_version_aligns_image_and_label(breast):
+    out = VolumeToSlicesd(["image", "label"], context=0, spatial_size=(48, 48), mode=("bilinear", "nearest"))(breast)
+    assert out["image"].shape == out["label"].shape == (21, 1, 48, 48)
+    assert out["slice_index"].tolist() == list(range(21))
+    assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}  # nearest keeps label values
+    lesion_slices = torch.nonzero(out["label"].amax(dim=(1, 2, 3))).flatten().tolist()
+    assert lesion_slices == [8, 9, 10]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="axis"):
+        VolumeToSlices(axis=3)
+    with pytest.raises(ValueError, match="unknown window"):
+        VolumeToSlices(windows=["liver_typo"])
+    with pytest.raises(ValueError, match="low < high"):
+        VolumeToSlices(windows=[(100, -100)])
+    with pytest.raises(ValueError, match="channel-first 3D"):
+        VolumeToSlices()(torch.zeros(4, 4, 4))
+
+
+def test_rand_slice_is_reproducible_and_keys_aligned(breast):
+    def draws(seed):
+        t = RandSlice25Dd("image", label_keys="label", context=1, spatial_size=(32, 32)).set_random_state(seed)
+        return [t(breast) for _ in range(6)]
+
+    a, b, c = draws(3), draws(3), draws(4)
+    for x, y in zip(a, b):
+        assert int(x["slice_index"]) == int(y["slice_index"])
+        torch.testing.assert_close(x["image"], y["image"])
+    assert [int(x["slice_index"]) for x in a] != [int(x["slice_index"]) for x in c]
+    image_stack = VolumeToSlices(context=1, spatial_size=(32, 32))(breast["image"])
+    label_stack = VolumeToSlices(context=0, spatial_size=(32, 32), mode="nearest")(breast["label"])
+    for x in a:
+        z = int(x["slice_index"])
+        assert x["image"].shape == (3, 32, 32) and x["label"].shape == (1, 32, 32)
+        torch.testing.assert_close(x["image"], image_stack[z])
+        torch.testing.assert_close(x["label"], label_stack[z])
+    assert isinstance(breast["image"], torch.Tensor) and breast["image"].ndim == 4  # input dict untouched
+
+
+def test_rand_slice_array_and_empty_filter(ct):
+    vol = ct.clone()
+    vol[..., 10:] = -2000.0
+    t = RandSlice25D(context=0, spatial_size=(16, 16), skip_empty_threshold=-1500.0).set_random_state(0)
+    seen = set()
+    for _ in range(20):
+        assert t(vol).shape == (1, 16, 16)
+        seen.add(t.slice_index)
+    assert seen <= set(range(10)) and len(seen) > 3
+    with pytest.raises(ValueError, match="share the voxel grid"):
+        RandSlice25Dd("image", label_keys="label")({"image": ct, "label": ct[..., :10]})
