@@ -53,36 +53,32 @@ def _check_triplet(name: str, value):
     return value
 
 
-def _spatial(keys, image_key, spacing, orientation):
+def _pipeline(keys, load, bias_correction, intensity, spacing, size, crop_foreground, foreground_threshold,
+              margin, orientation) -> Compose:
+    """load -> checks -> [bias correction] -> orientation -> spacing -> intensity -> crop -> pad/crop."""
+    keys = list(keys)
+    image_key, label_keys = keys[0], keys[1:]
+    spacing, size = _check_triplet("spacing", spacing), _check_triplet("size", size)
     steps = []
+    if load:
+        dtypes = [np.float32] + [None] * len(label_keys)  # labels keep their integer type
+        steps.append(LoadVolumed(keys, dtype=dtypes, allow_missing_keys=True))
+    steps.append(EnsureFinited(image_key))
+    if label_keys:
+        steps.append(CheckAlignedd(label_keys, reference_key=image_key))
+    steps += bias_correction(image_key)
     if orientation:
         steps.append(Orientationd(keys, axcodes=orientation, labels=None, allow_missing_keys=True))
     if spacing is not None:
-        modes = ["bilinear" if k == image_key else "nearest" for k in keys]
+        modes = ["bilinear"] + ["nearest"] * len(label_keys)
         steps.append(Spacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True))
-    return steps
-
-
-def _tail(keys, image_key, size, crop_foreground, foreground_threshold, margin):
-    steps = []
+    steps += intensity(image_key)
     if crop_foreground:
         steps.append(CropForegroundd(keys, source_key=image_key, select_fn=ForegroundThreshold(foreground_threshold),
                                      margin=margin, allow_smaller=True, allow_missing_keys=True))
     if size is not None:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=size, mode="constant", allow_missing_keys=True))
-    return steps
-
-
-def _head(keys, image_key, load):
-    label_keys = [k for k in keys if k != image_key]
-    steps = []
-    if load:
-        dtypes = [np.float32 if k == image_key else None for k in keys]
-        steps.append(LoadVolumed(keys, dtype=dtypes, allow_missing_keys=True))
-    steps.append(EnsureFinited(image_key))
-    if label_keys:
-        steps.append(CheckAlignedd(label_keys, reference_key=image_key))
-    return steps
+    return Compose(steps)
 
 
 def ct_preset(
@@ -115,12 +111,10 @@ def ct_preset(
     lo, hi = window
     if lo >= hi:
         raise ValueError(f"window must be (low, high) with low < high, got {window}")
-    keys, image_key = list(keys), keys[0]
-    spacing, size = _check_triplet("spacing", spacing), _check_triplet("size", size)
-    spatial = _spatial(keys, image_key, spacing, orientation)
-    intensity = [ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
-    tail = _tail(keys, image_key, size, crop_foreground, foreground_threshold, margin)
-    return Compose([*_head(keys, image_key, load), *spatial, *intensity, *tail])
+    return _pipeline(
+        keys, load, lambda key: [],
+        lambda key: [ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)],
+        spacing, size, crop_foreground, foreground_threshold, margin, orientation)
 
 
 def mri_preset(
@@ -151,18 +145,19 @@ def mri_preset(
     lower, upper = percentiles
     if not 0 <= lower < upper <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {percentiles}")
-    keys, image_key = list(keys), keys[0]
-    spacing, size = _check_triplet("spacing", spacing), _check_triplet("size", size)
-    head = _head(keys, image_key, load)
-    if n4:
+
+    def bias_correction(key):
+        if not n4:
+            return []
         from medvol.transforms.n4 import N4BiasFieldCorrectiond
 
-        head.append(N4BiasFieldCorrectiond(image_key, **(n4_kwargs or {})))
-    spatial = _spatial(keys, image_key, spacing, orientation)
-    intensity = [ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0,
-                                                 clip=True)]
-    tail = _tail(keys, image_key, size, crop_foreground, foreground_threshold, margin)
-    return Compose([*head, *spatial, *intensity, *tail])
+        return [N4BiasFieldCorrectiond(key, **(n4_kwargs or {}))]
+
+    return _pipeline(
+        keys, load, bias_correction,
+        lambda key: [ScaleIntensityRangePercentilesd(key, lower=lower, upper=upper, b_min=0.0, b_max=1.0,
+                                                     clip=True)],
+        spacing, size, crop_foreground, foreground_threshold, margin, orientation)
 
 
 PRESETS = {"ct": ct_preset, "mri": mri_preset}
