@@ -194,3 +194,13 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medvol", "preprocess", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--preset" in proc.stdout and "--workers" in proc.stdout
+
+
+def test_demo_preprocessing_part(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--no-train"]) == 0
+    out = capsys.readouterr().out
+    assert "medvol preprocess" in out  # the equivalent commands are shown
+    for name in ("hippocampus", "ct", "dicom", "nrrd"):
+        assert (tmp_path / "demo" / "preprocessed" / name / "qc.png").is_file()
+        rows = _manifest(tmp_path / "demo" / "preprocessed" / name)
+        assert rows and all(r["status"] == "ok" for r in rows.values())

@@ -131,19 +131,113 @@ def write_qc(manifest_path: Path, png: Path, max_cases: int = 6) -> Path | None:
     return qc_montage(cases, png, title=f"medvol QC: {manifest_path.parent}", spacing=spacing)
 
 
+def _add_embed(sub):
+    p = sub.add_parser(
+        "embed",
+        help="embed every slice of a folder of CT/MRI volumes with a LeCL slice encoder (one .h5 bag per volume)",
+        description="Load every volume in INPUT (a folder of NIfTI/MetaImage/NRRD/DICOM series, an MSD "
+        "dataset.json or a CSV datalist), preprocess and slice it as the bundle's configs/inference.json says, "
+        "embed the 2.5D slices with the bundle's encoder and write OUTPUT/<case>.h5 (datasets feats "
+        "(n_slices, D) and slice_index; attributes source, spacing, checkpoint_sha256, axis) plus "
+        "OUTPUT/manifest.csv. Re-running skips finished volumes. OUTPUT is ready for the slice_mil bundle.",
+        epilog="example: medvol embed scans/ bags/ --bundle bundles/lecl_slice_embedding "
+        "--checkpoint runs/lecl/models/model.pt --workers 2",
+    )
+    p.add_argument("input", type=Path, help="folder, MSD dataset.json or CSV datalist")
+    p.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/lecl_slice_embedding")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="encoder state dict (default: BUNDLE/models/model.pt, else inference.json's ckpt_path)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo volumes whose outputs exist")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="slices per network call (default 64)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu (default) or cuda (cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference.json id (value parsed as JSON when it can be), e.g. "
+                   "--set spatial_size=128 --set encoder=resnet18; repeatable; use the values used in training")
+    p.set_defaults(func=cmd_embed)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import json
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def cmd_embed(args) -> int:
+    import os
+
+    from medvol.apps.batch import dist_context, run_batch
+    from medvol.apps.embed import EmbedProcessor, build_embed_jobs, default_checkpoint
+    from medvol.io.datalist import load_datalist
+    from medvol.io.manifest import read_manifest
+
+    _check_io_folders(args.input, args.output)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.bundle / "configs" / "inference.json").is_file():
+        raise UsageError(f"bundle {args.bundle} does not exist or has no configs/inference.json")
+    overrides = _parse_overrides(args.overrides)
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    checkpoint = args.checkpoint or default_checkpoint(args.bundle, overrides)
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"checkpoint {checkpoint} does not exist (train the bundle first, or pass --checkpoint)")
+    processor = EmbedProcessor(args.bundle, checkpoint, overrides, device, args.batch_size,
+                               previous=read_manifest(args.output / "manifest.csv"))
+    try:
+        processor.load()  # bundle, overrides and checkpoint are checked before any volume is touched
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.workers > 1:
+        processor.release()
+    try:
+        datalist = load_datalist(args.input, **({"allow_unlabeled": True} if args.input.is_dir() else {}))
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    args.output.mkdir(parents=True, exist_ok=True)
+    jobs = build_embed_jobs(datalist, args.output)
+    result = run_batch(jobs, processor, args.output / "manifest.csv", workers=args.workers,
+                       overwrite=args.overwrite, desc="embed")
+    counts = result.counts
+    if dist_context()[0] == 0:
+        print(f"{sum(counts.values())} volumes: {counts['ok']} ok, {counts['skipped']} skipped, "
+              f"{counts['failed']} failed; manifest: {result.manifest}")
+    return result.exit_code
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the end-to-end demo on the data shipped with medvol",
-                       description="Preprocess the demo scans (MRI with labels, CT, DICOM, NRRD) and write QC "
-                       "pictures.")
+                       description="Preprocess the demo scans (MRI with labels, CT, DICOM, NRRD) with QC pictures, "
+                       "then pretrain CAiD and fine-tune a 2-label hippocampus segmentation from scratch and from "
+                       "the pretrained weights (a few minutes on CPU).")
     p.add_argument("--output", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
     p.add_argument("--data", type=Path, default=None, help="demo data folder (default: the repository's demo_data)")
+    p.add_argument("--no-train", action="store_true", help="only preprocess (skip pretraining and fine-tuning)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from medvol.apps.demo import run_demo
 
-    return run_demo(args.output, args.data)
+    return run_demo(args.output, args.data, train=not args.no_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medvol {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_preprocess(sub)
+    _add_embed(sub)
     _add_demo(sub)
     return parser
 
