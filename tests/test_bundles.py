@@ -156,6 +156,14 @@ def test_global_local_runs_both_stages(hippo, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bundle", SSL_BUNDLES)
+def test_ssl_without_validation_saves_every_epoch(bundle, hippo, tmp_path):
+    wf = _run(bundle, **_ssl_overrides(bundle, hippo, tmp_path, val_fraction=0, max_epochs=1))
+    assert len(wf.parser.get_parsed_content("datalist_split")[1]) == 0
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
 def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
     full = _run("caid", **_ssl_overrides("caid", hippo, tmp_path / "full"))
     part = _workflow("caid", **_ssl_overrides("caid", hippo, tmp_path / "part"))

@@ -68,6 +68,7 @@ def test_sampler_is_deterministic_and_shards(demo_dir):
         s.set_epoch(1)
     indices = [i for s in shards for i, _ in s]
     assert len(indices) == 12 and set(indices) == set(data)  # padded to equal shards, every item covered
+    assert list(SeededSampler([], seed=1)) == []  # an empty validation split iterates to nothing
     many = SeededSampler([0, 1], seed=1, num_samples=9)
     many.set_epoch(1)
     draws = list(many)

@@ -133,3 +133,10 @@ def test_rand_slice_array_and_empty_filter(ct):
     assert seen <= set(range(10)) and len(seen) > 3
     with pytest.raises(ValueError, match="share the voxel grid"):
         RandSlice25Dd("image", label_keys="label")({"image": ct, "label": ct[..., :10]})
+
+
+def test_empty_slice_selection_gives_empty_stack():
+    from medvol.transforms.slices import VolumeToSlices
+
+    stack = VolumeToSlices(spatial_size=(16, 16), skip_empty_threshold=10.0)(torch.zeros(1, 8, 8, 6))
+    assert stack.shape == (0, 3, 16, 16)

@@ -55,10 +55,10 @@ class SeededSampler(DistributedSampler):
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.draws = len(dataset) if num_samples is None else int(num_samples)
-        if self.draws < 1 or len(dataset) < 1:
-            raise ValueError(f"SeededSampler needs a non-empty dataset and num_samples >= 1, got "
-                             f"{len(dataset)} items and num_samples={num_samples}")
+        # an empty dataset gives an empty sampler (e.g. the validation split of --val_fraction 0)
+        self.draws = 0 if len(dataset) == 0 else (len(dataset) if num_samples is None else int(num_samples))
+        if self.draws < 0 or (num_samples is not None and num_samples < 1):
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if self.drop_last:
             self.num_samples = self.draws // self.num_replicas
         else:
@@ -69,7 +69,7 @@ class SeededSampler(DistributedSampler):
         n = len(self.dataset)
         order: list[int] = []
         cycle = 0
-        while len(order) < self.total_size:  # fresh permutation per pass over the data
+        while n and len(order) < self.total_size:  # fresh permutation per pass over the data
             if self.shuffle:
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7919 + cycle)
                 order += torch.randperm(n, generator=g).tolist()

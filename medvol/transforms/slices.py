@@ -236,7 +236,7 @@ class VolumeToSlices(Transform):
         box = fit_box(h, w, self.spatial_size, self.keep_aspect)
         pad = slice_pad_value(vol, self.context, self.windows) if self.mode == "bilinear" else 0.0
         chunks = [crop_resize(render_slices(vol, p, self.axis, self.context, self.windows), box, self.spatial_size,
-                              self.mode, pad) for p in pos.split(self.chunk_size)]
+                              self.mode, pad) for p in (pos.split(self.chunk_size) if pos.numel() else [])]
         if chunks:
             stack = torch.cat(chunks)
         else:
