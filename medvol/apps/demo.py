@@ -74,7 +74,7 @@ def _pretrain_and_finetune(data: Path, output: Path) -> dict:
     common = {"dataset_dir": str(data / "hippocampus"), "split_file": str(split), "backbone_options": TINY_UNET}
     print("[2.1] CAiD pretraining on the 14 pool images (labels unused)", flush=True)
     _bundle("caid", "train.json", **common, output_dir=str(output / "caid"), max_epochs=5, batch_size=4,
-            val_fraction=0.15, **{"method#queue_size": 256})
+            val_fraction=0.15)
     results = {}
     for i, (init, ckpt) in enumerate([("scratch", None), ("caid", str(output / "caid" / "models" / "model.pt"))]):
         out = output / f"fewshot_{init}"

@@ -34,7 +34,9 @@ class CAiD(SSLMethod):
             (its head restores the image).
         proj_dim: embedding size of the global branch (128 in CAiD/MoCo v2).
         hidden_dim: hidden size of the global MLP (2048 in CAiD; smaller for small 3D encoders).
-        queue_size: negatives in the MoCo queue (65536 in CAiD).
+        queue_size: negatives in the MoCo queue (65536 in CAiD, for 1.2M images). Keep it well below the number
+            of training volumes: a queue holding several stale keys of every volume is full of false negatives
+            (the bundle uses half the training set, at most 4096).
         temperature: MoCo softmax temperature (0.2).
         lambda_id: weight of the instance-discrimination loss (1).
         lambda_restore: weight of the restoration loss (10).

@@ -4,7 +4,7 @@ Each factory returns a ``Compose`` (or ``OneOf``), so it nests in a config's tra
 
 - :func:`intensity_augmentation`: the 3D analogue of ColorJitter + blur (scale/shift intensity, gamma,
   Gaussian smoothing and noise), drawn independently for each view.
-- :func:`flip_augmentation`: random flips along each axis (spatial augmentation that keeps anatomy).
+- :func:`flip_augmentation`: random flips (left-right only by default: anatomy is not symmetric otherwise).
 - :func:`caid_distortion`: CAiD's context distortions in 3D, one per view: cut-out (holes set to 0),
   out-painting (everything outside a few boxes set to 0) or local voxel shuffle (Models Genesis), or none.
 """
@@ -50,9 +50,14 @@ def intensity_augmentation(key: str, prob: float = 0.8, strength: float = 0.4, b
     ])
 
 
-def flip_augmentation(keys, prob: float = 0.5, spatial_dims: int = 3) -> Compose:
-    """Independent random flips along each spatial axis, applied identically to ``keys``."""
-    return Compose([RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in range(spatial_dims)])
+def flip_augmentation(keys, prob: float = 0.5, spatial_axes=(0,)) -> Compose:
+    """Independent random flips along each of ``spatial_axes``, applied identically to ``keys``.
+
+    The default flips only the first (left-right in RAS) axis: mirrored hemispheres are plausible anatomy,
+    while flipping anterior-posterior or superior-inferior would make features invariant to exactly the
+    orientation a segmentation of anterior/posterior structures needs. Pass ``(0, 1, 2)`` for all axes.
+    """
+    return Compose([RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in spatial_axes])
 
 
 def caid_distortion(key: str, roi_size: Sequence[int], weights: Sequence[float] = (0.3, 0.05, 0.3, 0.35),
