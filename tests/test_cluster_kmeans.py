@@ -287,3 +287,16 @@ def test_sampler_errors():
         FeatureSampler(0)
     with pytest.raises(ValueError, match="per_volume_quota"):
         FeatureSampler(5, per_volume_quota=0)
+
+
+def test_fit_works_whatever_the_import_order():
+    """faiss.Kmeans.train broke when SimpleITK (another SWIG module) was imported after faiss."""
+    import subprocess
+    import sys
+
+    code = ("import faiss, numpy as np, SimpleITK\n"
+            "from medvol.cluster import KMeans\n"
+            "x = np.random.default_rng(0).standard_normal((500, 8)).astype('float32')\n"
+            "print(KMeans(4, seed=0).fit(x).inertia_ > 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]

@@ -54,23 +54,50 @@ def as_float32_matrix(x: Any, name: str = "x") -> np.ndarray:
     return x
 
 
+def _segment_sums(labels: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64 sums of the rows of ``x`` per label (torch ``index_add_``, vectorised)."""
+    out = torch.zeros((k, x.shape[1]), dtype=torch.float64)
+    out.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+    return out.numpy()
+
+
+def _split_empty(centers: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Re-seed empty clusters by splitting large ones (as FAISS does): copy a centroid drawn with probability
+    proportional to its size and push the two copies apart by a tiny symmetric perturbation."""
+    counts = counts.astype(np.float64).copy()
+    for ci in np.flatnonzero(counts == 0):
+        p = np.maximum(counts - 1, 0)
+        if p.sum() <= 0:
+            break
+        cj = int(rng.choice(len(counts), p=p / p.sum()))
+        eps = np.float32(1.0 / 1024) * np.where(np.arange(centers.shape[1]) % 2 == 0, 1, -1).astype(np.float32)
+        centers[ci] = centers[cj] * (1 + eps)
+        centers[cj] = centers[cj] * (1 - eps)
+        counts[ci] = counts[cj] / 2
+        counts[cj] -= counts[ci]
+    return centers
+
+
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, np.float32(1e-12))  # zero rows stay zero
 
 
 class KMeans:
-    """Lloyd k-means with FAISS, API close to ``sklearn.cluster.KMeans``.
+    """Lloyd k-means with FAISS nearest-centroid search (CPU or GPU), API close to ``sklearn.cluster.KMeans``.
+
+    On a shared CPU, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: FAISS's OpenMP threads otherwise
+    busy-wait and a search can become 10-20x slower when other processes use the cores.
 
     Args:
         n_clusters: number of centroids k.
         device: ``"auto"`` (faiss GPU when available, else CPU), ``"cpu"`` or ``"cuda"``.
         spherical: cosine k-means: inputs are L2-normalised, centroids renormalised after every update.
-        n_iter: number of Lloyd iterations (faiss stops earlier only if the objective stops changing).
-        seed: seed of the initialisation (and of faiss' subsampling when that is enabled).
-        max_points_per_centroid: faiss trains on at most ``k * max_points_per_centroid`` random samples.
-            ``None`` uses all samples given to :meth:`fit` (faiss' own default, 256, subsamples silently).
-        verbose: let faiss print its per-iteration log.
+        n_iter: maximum number of Lloyd iterations (stops earlier when no assignment changes).
+        seed: seed of the initialisation (and of the training subsample when that is enabled).
+        max_points_per_centroid: train on at most ``k * max_points_per_centroid`` random samples, then assign
+            all of them (FAISS's sampled training; its own default is 256). ``None`` trains on every sample.
+        verbose: print one line per iteration.
         n_threads: OpenMP threads faiss uses in fit/predict (restored afterwards); ``None``: faiss' setting.
             Results are deterministic on CPU for a fixed thread count.
         init: ``"random"`` (k distinct samples drawn with ``seed``), ``"k-means++"`` (D² sampling,
@@ -188,28 +215,50 @@ class KMeans:
         n, d = x.shape
         if n < self.n_clusters:
             raise ValueError(f"KMeans(n_clusters={self.n_clusters}) needs at least {self.n_clusters} samples, got {n}")
+        train = x
         mppc = self.max_points_per_centroid
-        if mppc is None:  # faiss subsamples above k * max_points_per_centroid: make that bound >= n
-            mppc = -(-n // self.n_clusters) + 1
-        km = faiss.Kmeans(
-            d,
-            self.n_clusters,
-            niter=self.n_iter,
-            seed=self.seed,
-            spherical=self.spherical,
-            max_points_per_centroid=int(mppc),
-            min_points_per_centroid=1,  # we validate sizes ourselves; faiss would only print a warning
-            verbose=self.verbose,
-            gpu=1 if self.device_ == "cuda" else False,
-        )
+        if mppc is not None and n > self.n_clusters * mppc:  # FAISS-style sampled training (opt-in)
+            keep = np.random.default_rng(self.seed + 1).choice(n, size=self.n_clusters * int(mppc), replace=False)
+            train = x[np.sort(keep)]
+        centers = self._initial_centroids(train)
         with self._threads():
-            km.train(x, init_centroids=self._initial_centroids(x))
-        self.cluster_centers_ = np.ascontiguousarray(km.centroids, dtype=np.float32)
-        self.n_iter_ = len(km.iteration_stats)
-        dist, labels = self._assign(x)  # exact objective with the final centroids (faiss' obj is one step late)
+            self.cluster_centers_, self.n_iter_ = self._lloyd(train, centers)
+            dist, labels = self._assign(x)  # exact objective of all samples with the final centroids
         self.inertia_ = float(dist.sum(dtype=np.float64))
         self.labels_ = labels
         return self
+
+    def _lloyd(self, x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, int]:
+        """Lloyd iterations: FAISS nearest-centroid search, then float64 centroid means.
+
+        The loop is ours rather than ``faiss.Kmeans.train``: that one exchanges centroids through a SWIG
+        ``std::vector<float>`` whose proxy class belongs to whichever SWIG module was imported last, so it breaks
+        when SimpleITK (also SWIG) is imported after faiss. Stops early once no assignment changes.
+        """
+        k, d = centers.shape
+        rng = np.random.default_rng(self.seed + 2)
+        previous = None
+        iteration = 0
+        for iteration in range(1, self.n_iter + 1):
+            self.cluster_centers_ = centers
+            _, labels = self._assign(x)
+            if previous is not None and np.array_equal(labels, previous):
+                break
+            previous = labels
+            counts = np.bincount(labels, minlength=k)
+            sums = np.zeros((k, d), np.float64)
+            for start in range(0, len(x), 1 << 16):  # chunked float64 sums: exact means, bounded memory
+                chunk = slice(start, start + (1 << 16))
+                sums += _segment_sums(labels[chunk], x[chunk], k)
+            filled = counts > 0
+            centers = centers.copy()
+            centers[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            centers = _split_empty(centers, counts, rng)
+            if self.spherical:
+                centers = _normalize_rows(centers)
+            if self.verbose:
+                print(f"KMeans iteration {iteration}: {int((~filled).sum())} empty clusters")
+        return np.ascontiguousarray(centers, dtype=np.float32), iteration
 
     def fit_predict(self, x: Any) -> np.ndarray:
         """Fit on ``x`` and return its labels (int64, (n,))."""
