@@ -7,3 +7,20 @@ from medvol.cluster.sampling import FeatureSampler
 from medvol.cluster.sinkhorn import sinkhorn
 
 __all__ = ["KMeans", "FeatureSampler", "sinkhorn", "faiss_has_gpu"]
+from medvol.cluster.montage import cluster_montage, cluster_palette, log_montage, montage_rgb
+from medvol.cluster.pseudolabels import (
+    PSEUDOLABEL_KEY,
+    PseudoLabelWriter,
+    assign_clusters,
+    build_pseudolabels,
+    cluster_command,
+    load_pseudolabels,
+    pseudolabel_datalist,
+)
+from medvol.cluster.teacher import EncoderTeacher, HandcraftedTeacher, VoxelFeatures, build_teacher
+
+__all__ += [
+    "cluster_montage", "cluster_palette", "log_montage", "montage_rgb", "PSEUDOLABEL_KEY", "PseudoLabelWriter",
+    "assign_clusters", "build_pseudolabels", "cluster_command", "load_pseudolabels", "pseudolabel_datalist",
+    "EncoderTeacher", "HandcraftedTeacher", "VoxelFeatures", "build_teacher",
+]

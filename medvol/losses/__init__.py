@@ -18,3 +18,14 @@ from medvol.losses.moco import MoCoLoss
 from medvol.losses.restoration import RestorationLoss
 
 __all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss"]
+from medvol.losses.swapped_prediction import (
+    PixelSwappedCELoss,
+    SwappedPredictionLoss,
+    overlap_points,
+    roi_align_pair,
+    sample_at,
+    warp_to_view,
+)
+
+__all__ += ["PixelSwappedCELoss", "SwappedPredictionLoss", "overlap_points", "roi_align_pair", "sample_at",
+            "warp_to_view"]
