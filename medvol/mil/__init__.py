@@ -8,17 +8,9 @@ metrics, predictions and attention (:mod:`medvol.mil.report`); :class:`MILPredic
 
 from __future__ import annotations
 
-from .crossval import (
-    CrossValidator,
-    FoldTraining,
-    MILPredictor,
-    make_folds,
-    predict_bags,
-    run_crossval,
-    split_validation,
-    train_fold,
-)
+from .crossval import CrossValidator, FoldTraining, make_folds, run_crossval, split_validation, train_fold
 from .data import Bag, BagDataset, bag_case_id, collate_bags, feature_stats, find_bags, read_bag, write_bag
+from .inference import MILPredictor, network_factory, predict_bags
 from .report import plot_attention_top_slices, summarise_folds, top_slices, write_metrics
 from .targets import TASKS, MILTaskLoss, TargetSpec, TargetTable, compute_metrics, load_targets, pos_weight
 

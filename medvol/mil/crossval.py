@@ -1,4 +1,4 @@
-"""Patient-level k-fold cross-validation of a MIL network on bags of slice embeddings, and fold-model inference.
+"""Patient-level k-fold cross-validation of a MIL network on bags of slice embeddings.
 
 Per fold (what CLEAR's ``train_mil`` should have done; its bugs are listed in docs/methods/slice_mil.md):
 
@@ -10,9 +10,9 @@ Per fold (what CLEAR's ``train_mil`` should have done; its bugs are listed in do
 5. Adam, early stopping on validation loss, the best weights kept with ``copy.deepcopy(model.state_dict())``;
 6. the best weights evaluated on the held-out cases.
 
-Outputs in ``output_dir``: ``run.json`` (what :class:`MILPredictor` needs), ``folds/fold_{k}/model.pt`` and
-``fold.json``, ``metrics.json``, ``metrics_per_fold.csv``, ``predictions.csv``, ``attention/<case>.csv`` and
-``attention_top_slices.png``.
+Outputs in ``output_dir``: ``run.json`` (what :class:`medvol.mil.inference.MILPredictor` needs),
+``folds/fold_{k}/model.pt`` and ``fold.json``, ``metrics.json``, ``metrics_per_fold.csv``, ``predictions.csv``,
+``attention/<case>.csv`` and ``attention_top_slices.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import functools
 import json
 import logging
 import pydoc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader, Subset
 from medvol.errors import ConfigError
 from medvol.io.atomic import atomic_path
 from medvol.mil.data import BagDataset, collate_bags, feature_stats
+from medvol.mil.inference import network_factory, predict_bags
 from medvol.mil.report import (
-    plot_attention_top_slices,
+    plot_top_attended,
     prediction_header,
     prediction_values,
     write_attention_csv,
@@ -52,10 +53,8 @@ from medvol.mil.report import (
     write_metrics,
 )
 from medvol.mil.targets import MILTaskLoss, TargetSpec, compute_metrics, load_targets
-from medvol.networks.mil import build_mil_network
 
-__all__ = ["make_folds", "split_validation", "FoldTraining", "train_fold", "predict_bags", "CrossValidator",
-           "run_crossval", "MILPredictor"]
+__all__ = ["make_folds", "split_validation", "FoldTraining", "train_fold", "CrossValidator", "run_crossval"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,47 +182,6 @@ def train_fold(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, v
     return best
 
 
-@torch.no_grad()
-def predict_bags(model: nn.Module, loader: DataLoader, loss_fn: MILTaskLoss, device: str | torch.device = "cpu"):
-    """Outputs (probabilities / un-standardised values) and attention for every bag of ``loader``.
-
-    Returns:
-        ``(ids, outputs (n, n_outputs) array, attention list of (n_slices,) arrays, slice_index list)``;
-        attention entries are ``None`` for a model without ``forward_with_attention``.
-    """
-    model.eval()
-    ids, outputs, attention, index = [], [], [], []
-    for batch in loader:
-        feats, mask = batch["feats"].to(device), batch["mask"].to(device)
-        if hasattr(model, "forward_with_attention"):
-            logits, att = model.forward_with_attention(feats, mask)
-        else:
-            logits, att = model(feats, mask), None
-        outputs.append(loss_fn.outputs(logits).cpu().double().numpy())
-        for b, case in enumerate(batch["id"]):
-            real = batch["mask"][b].numpy()
-            ids.append(case)
-            index.append(batch["slice_index"][b].numpy()[real])
-            attention.append(None if att is None else att[b].cpu().double().numpy()[real])
-    return ids, np.concatenate(outputs), attention, index
-
-
-def _network_factory(network_def) -> Callable[..., nn.Module]:
-    if network_def is None:
-        return functools.partial(build_mil_network, pooling="abmil")
-    if isinstance(network_def, Mapping):
-        kwargs = {k: v for k, v in network_def.items() if k != "_target_"}
-        target = network_def.get("_target_", "medvol.networks.mil.build_mil_network")
-        func = pydoc.locate(target)
-        if func is None:
-            raise ConfigError(f"network_def _target_ {target!r} cannot be imported")
-        return functools.partial(func, **kwargs)
-    if isinstance(network_def, nn.Module) or not callable(network_def):
-        raise ConfigError("network_def must build a fresh network per fold: give a callable (in a bundle config "
-                          "add \"_mode_\": \"callable\") or a dict of build_mil_network arguments, not a network")
-    return network_def
-
-
 def _describe(factory) -> dict | None:
     """``{"_target_": ..., **kwargs}`` for a partial of an importable callable with JSON kwargs, else None."""
     if not isinstance(factory, functools.partial) or factory.args:
@@ -277,7 +235,7 @@ class CrossValidator:
         self.dataset_dir, self.targets_csv, self.output_dir = Path(dataset_dir), Path(targets_csv), Path(output_dir)
         self.target_columns = [target_columns] if isinstance(target_columns, str) else list(target_columns)
         self.task, self.id_column, self.group_column, self.id_regex = task, id_column, group_column, id_regex
-        self.factory = _network_factory(network_def)
+        self.factory = network_factory(network_def)
         self.num_folds, self.seed, self.val_fraction = int(num_folds), int(seed), float(val_fraction)
         self.max_epochs, self.patience, self.lr, self.weight_decay = int(max_epochs), int(patience), lr, weight_decay
         self.batch_size, self.device, self.cache, self.num_workers = int(batch_size), device, cache, num_workers
@@ -317,7 +275,7 @@ class CrossValidator:
         write_csv(self.output_dir / "predictions.csv", header, sorted(rows, key=lambda r: r[0]))
         pooled = compute_metrics(spec, y, outputs)  # every case is held out exactly once
         summary = write_metrics(self.output_dir, per_fold, pooled, {k: v for k, v in info.items() if k != "folds"})
-        _plot(plotted, self.output_dir / "attention_top_slices.png", self.plot_cases, self.top_k)
+        plot_top_attended(plotted, self.output_dir / "attention_top_slices.png", self.plot_cases, self.top_k)
         return summary
 
     def _run_fold(self, k: int, n_folds: int, test: np.ndarray, dataset: BagDataset, spec: TargetSpec,
@@ -366,84 +324,6 @@ class CrossValidator:
         return metrics, rows, plotted
 
 
-def _plot(cases: list[dict], path: Path, n: int, top_k: int) -> None:
-    """The ``n`` cases with the highest first output, with the volume when the bag names a readable source."""
-    chosen = sorted(cases, key=lambda c: (-c["score"], c["id"]))[:n]
-    plot_attention_top_slices([{**c, "source": c["bag"].source, "axis": c["bag"].axis} for c in chosen], path,
-                              top_k)
-
-
 def run_crossval(**kwargs) -> dict:
     """``CrossValidator(**kwargs).run()``."""
     return CrossValidator(**kwargs).run()
-
-
-class MILPredictor:
-    """Apply the fold models of a :class:`CrossValidator` run to every bag of a folder (ensemble = mean).
-
-    Writes ``predictions.csv`` (id, n_models, then outputs as in the run's predictions without truth columns),
-    ``attention/<case>.csv`` (attention averaged over the models) and ``attention_top_slices.png``.
-
-    Args:
-        model_dir: the cross-validation ``output_dir`` (with ``run.json`` and ``folds/fold_k/model.pt``).
-        dataset_dir: folder of bag files to predict.
-        output_dir: where the outputs go.
-        folds: fold numbers to ensemble; ``None``: every fold with a ``model.pt``.
-        network_def: as in :class:`CrossValidator`; ``None`` rebuilds the network recorded in ``run.json``.
-        id_regex: as in :class:`CrossValidator`; ``None`` uses the run's.
-        device / batch_size / plot_cases / top_k: as in :class:`CrossValidator`.
-
-    Raises:
-        ConfigError: without ``run.json`` or fold models, or when the run did not record its network and no
-            ``network_def`` is given.
-        DataError: for a bag whose D differs from the trained models' input size (naming the file).
-    """
-
-    def __init__(self, model_dir, dataset_dir, output_dir, folds: Sequence[int] | None = None, network_def=None,
-                 id_regex: str | None = None, device: str | torch.device = "cpu", batch_size: int = 16,
-                 plot_cases: int = 4, top_k: int = 3) -> None:
-        self.model_dir, self.dataset_dir, self.output_dir = Path(model_dir), Path(dataset_dir), Path(output_dir)
-        self.folds, self.network_def, self.id_regex = folds, network_def, id_regex
-        self.device, self.batch_size, self.plot_cases, self.top_k = device, int(batch_size), plot_cases, top_k
-
-    def run(self) -> dict:
-        """Predict every bag; returns ``{"n_cases", "folds", "predictions"}`` (the CSV path)."""
-        run_json = self.model_dir / "run.json"
-        if not run_json.is_file():
-            raise ConfigError(f"{run_json} not found: model_dir must be a cross-validation output_dir")
-        run = json.loads(run_json.read_text())
-        spec = TargetSpec.from_dict(run["target_spec"])
-        network_def = self.network_def if self.network_def is not None else run.get("network")
-        if network_def is None:
-            raise ConfigError(f"{run_json} records no importable network: pass network_def")
-        factory = _network_factory(network_def)
-        folds = list(self.folds) if self.folds is not None else sorted(
-            int(p.parent.name.split("_")[1]) for p in self.model_dir.glob("folds/fold_*/model.pt"))
-        if not folds:
-            raise ConfigError(f"no fold model (folds/fold_k/model.pt) in {self.model_dir}")
-        regex = self.id_regex if self.id_regex is not None else run.get("id_regex")
-        dataset = BagDataset(self.dataset_dir, None, regex, in_dim=int(run["in_dim"]))
-        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_bags)
-        outputs, attention = 0.0, None
-        for k in folds:
-            fold_dir = self.model_dir / "folds" / f"fold_{k}"
-            state = json.loads((fold_dir / "fold.json").read_text())["loss_state"]
-            model = factory(in_dim=int(run["in_dim"]), n_outputs=int(run["n_outputs"]))
-            model.load_state_dict(torch.load(fold_dir / "model.pt", map_location="cpu", weights_only=True))
-            ids, out, att, index = predict_bags(model.to(self.device), loader,
-                                                MILTaskLoss(spec, state=state).to(self.device), self.device)
-            outputs = outputs + out / len(folds)
-            if att[0] is not None:
-                attention = [a / len(folds) + (0 if attention is None else attention[i]) for i, a in enumerate(att)]
-        out_dir = self.output_dir
-        rows = [[case, len(folds)] + prediction_values(spec, outputs[i]) for i, case in enumerate(ids)]
-        path = write_csv(out_dir / "predictions.csv", ["id", "n_models"] + prediction_header(spec, False), rows)
-        cases = []
-        if attention is not None:
-            for i, case in enumerate(ids):
-                write_attention_csv(out_dir / "attention" / f"{case}.csv", index[i], attention[i])
-                cases.append({"id": case, "slice_index": index[i], "attention": attention[i], "bag": dataset.bags[i],
-                              "score": float(outputs[i][0]), "title": f"{case} (output {outputs[i][0]:.3g})"})
-            _plot(cases, out_dir / "attention_top_slices.png", self.plot_cases, self.top_k)
-        logger.info("predicted %d cases with %d fold model(s) -> %s", len(ids), len(folds), path)
-        return {"n_cases": len(ids), "folds": folds, "predictions": str(path)}

@@ -17,6 +17,7 @@ from medvol.io.atomic import atomic_path, atomic_write_text
 from medvol.mil.targets import TargetSpec
 
 __all__ = [
+    "plot_top_attended",
     "write_json",
     "write_csv",
     "write_attention_csv",
@@ -187,3 +188,10 @@ def plot_attention_top_slices(cases: Sequence[Mapping], path: str | os.PathLike,
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     return path
+
+
+def plot_top_attended(cases: list[dict], path: Path, n: int, top_k: int) -> None:
+    """The ``n`` cases with the highest first output, with the volume when the bag names a readable source."""
+    chosen = sorted(cases, key=lambda c: (-c["score"], c["id"]))[:n]
+    plot_attention_top_slices([{**c, "source": c["bag"].source, "axis": c["bag"].axis} for c in chosen], path,
+                              top_k)
