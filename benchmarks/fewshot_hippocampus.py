@@ -1,0 +1,297 @@
+"""Few-shot hippocampus benchmark: what self-supervised pretraining is worth with 1, 2, 5, 10 and all labels.
+
+On MSD Task04 Hippocampus with the fixed split in ``benchmarks/splits/hippocampus_fewshot.json`` (150 pool /
+50 test): pretrain every SSL method on the 150 pool images (labels unused), then fine-tune the
+``fewshot_segmentation`` bundle from scratch and from each pretrained checkpoint with n labeled pool volumes
+(3 seeds = 3 different labeled subsets) and evaluate Dice (anterior, posterior) on the 50 test volumes.
+
+Everything runs through the bundles (``monai.bundle.ConfigWorkflow``) with command-line style overrides, so
+the numbers are what a user gets from ``python -m monai.bundle run``. Stages are cached in ``--out``: re-running
+skips finished pretraining and fine-tuning runs.
+
+Usage:
+    MEDVOL_DATA=../shared/data python benchmarks/fewshot_hippocampus.py --out benchmarks/results/fewshot
+    python benchmarks/fewshot_hippocampus.py --out ... --report-only     # table + plot from cached runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+
+# pretraining method -> (bundle, extra overrides); every batch entry of these methods is one crop seen in 2 views
+METHODS = {
+    "caid": ("caid", {}),
+    "global_local_contrastive": ("global_local_contrastive", {}),
+    "patch_clustering": ("patch_clustering", {}),
+    "pixel_clustering": ("pixel_clustering", {}),
+}
+# run ids of a method's bundle that must run before its training ("run"), in order, on the same overrides
+PRE_STEPS = {"pixel_clustering": ("cluster",)}  # pseudo-labels: k-means fitted once, one map per volume
+VIEWS_PER_CROP = 2
+# pretraining epochs relative to --pretrain-epochs, so every method gets a similar compute budget:
+# global+local contrastive feeds 4 partition crops per volume (4x CAiD's work per epoch)
+EPOCH_SCALE = {"global_local_contrastive": 0.25}
+# fine-tuning overrides per initialisation (what is transferred); see docs/benchmarks.md for how they were chosen
+FINETUNE = {
+    # chosen on a validation split of the pool (130 pool / 20 validation volumes, 2 labels, 3 seeds), not on the
+    # test set: encoder-only 0.794, encoder + decoder 0.779, scratch 0.775 mean Dice
+    "caid": {"pretrained_prefixes": ["encoder."]},
+    "patch_clustering": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
+}
+
+
+def _bundle_files(bundle: str, config: str) -> dict:
+    root = BUNDLES / bundle
+    return {"config_file": str(root / "configs" / config), "meta_file": str(root / "configs" / "metadata.json"),
+            "logging_file": str(root / "configs" / "logging.conf"), "bundle_root": str(root)}
+
+
+def _workflow(bundle: str, config: str, overrides: dict, run_id: str = "run"):
+    from monai.bundle import ConfigWorkflow
+
+    files = _bundle_files(bundle, config)
+    wf = ConfigWorkflow(config_file=files["config_file"], meta_file=files["meta_file"],
+                        logging_file=files["logging_file"], workflow_type=None,
+                        bundle_root=files["bundle_root"], run_id=run_id, **overrides)
+    wf.initialize()
+    return wf
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _common(args) -> dict:
+    channels = [int(c) for c in args.channels]
+    return {"dataset_dir": str(args.data), "split_file": str(args.split),
+            "backbone_options": {"unet": {"channels": channels, "norm": "instance"}}}
+
+
+# ---- stage 1: pretraining (one subprocess per method, for a clean peak-memory number) ----------------------
+
+
+def pretrain(method: str, args) -> dict:
+    out = Path(args.out) / "pretrain" / method
+    stats_file = out / "stats.json"
+    if stats_file.is_file():
+        return json.loads(stats_file.read_text())
+    cmd = [sys.executable, __file__, "--_pretrain-one", method, *sys.argv[1:]]
+    print(f"[pretrain] {method} -> {out}", flush=True)
+    log = out / "log.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretraining {method} failed, see {log}")
+    return json.loads(stats_file.read_text())
+
+
+def _pretrain_one(method: str, args) -> None:
+    import torch
+    from ignite.engine import Events
+
+    torch.set_num_threads(args.pretrain_threads)
+    bundle, extra = METHODS[method]
+    out = Path(args.out) / "pretrain" / method
+    epochs = max(1, round(args.pretrain_epochs * EPOCH_SCALE.get(method, 1.0)))
+    overrides = {**_common(args), "output_dir": str(out), "max_epochs": epochs, "seed": 0,
+                 "val_fraction": 0.1, "num_workers": 0, **extra}
+    step_seconds = {}
+    for step in PRE_STEPS.get(method, ()):
+        t_step = time.perf_counter()
+        step_wf = _workflow(bundle, "train.json", overrides, run_id=step)
+        step_wf.run()
+        step_wf.finalize()
+        step_seconds[f"{step}_seconds"] = time.perf_counter() - t_step
+    wf = _workflow(bundle, "train.json", overrides)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    timing = {"train_seconds": 0.0, "samples": 0}
+
+    def start(engine):
+        timing["t0"] = time.perf_counter()
+
+    def done(engine):
+        timing["train_seconds"] += time.perf_counter() - timing["t0"]
+        timing["samples"] += len(next(iter(engine.state.batch.values())))
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, start)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, done)
+    t0 = time.perf_counter()
+    wf.run()
+    wall = time.perf_counter() - t0
+    wf.finalize()
+    samples = timing["samples"]
+    stats = {"method": method, "epochs": epochs, "iterations": trainer.state.iteration,
+             "samples": samples, "crops": samples * VIEWS_PER_CROP,
+             "train_seconds": timing["train_seconds"], "wall_seconds": wall, "peak_rss_mb": _peak_rss_mb(),
+             "checkpoint": str(out / "models" / "model.pt"), **step_seconds}
+    stats["crops_per_second"] = stats["crops"] / max(stats["train_seconds"], 1e-9)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+
+
+# ---- stage 2: fine-tuning + evaluation -----------------------------------------------------------------------
+
+
+def _finetune_one(job: dict) -> dict:
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    out = Path(job["out"])
+    result_file = out / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    common = job["common"]
+    t0 = time.perf_counter()
+    with open(out / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train = {**common, "output_dir": str(out), "num_labeled": job["n"], "seed": job["seed"],
+                 "max_epochs": job["epochs"], "iterations_per_epoch": job["iterations"],
+                 "pretrained_checkpoint": job["checkpoint"], "num_workers": 0}
+        wf = _workflow("fewshot_segmentation", "train.json", train)
+        wf.run()
+        wf.finalize()
+        train_seconds = time.perf_counter() - t0
+        wf = _workflow("fewshot_segmentation", "evaluate.json", {**common, "output_dir": str(out)})
+        wf.run()
+        wf.finalize()
+    summary = json.loads((out / "eval" / "dice_summary.json").read_text())
+    result = {"init": job["init"], "n": job["n"], "seed": job["seed"], "train_seconds": train_seconds,
+              "mean_dice": summary["mean_dice"]["mean"],
+              **{f"dice_{k}": v["mean"] for k, v in summary["classes"].items()}}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def finetune_all(args, checkpoints: dict) -> list[dict]:
+    jobs = []
+    for n in args.labels:
+        for seed in args.seeds:
+            for init in ["scratch", *args.methods]:
+                jobs.append({"init": init, "n": n, "seed": seed, "threads": args.threads,
+                             "checkpoint": checkpoints.get(init), "epochs": args.finetune_epochs,
+                             "iterations": args.iterations, "common": {**_common(args), **FINETUNE.get(init, {})},
+                             "out": str(Path(args.out) / "finetune" / init / f"n{n}_s{seed}")})
+    results = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for r in pool.map(_finetune_one, jobs):
+            print(f"[finetune] {r['init']:>26} n={r['n']:>3} seed={r['seed']} dice={r['mean_dice']:.3f} "
+                  f"({r['train_seconds']:.0f}s)", flush=True)
+            results.append(r)
+    return results
+
+
+# ---- stage 3: report ------------------------------------------------------------------------------------------
+
+
+def report(args, results: list[dict], pretrain_stats: dict) -> str:
+    import numpy as np
+
+    inits = ["scratch", *args.methods]
+    labels = [str(n) for n in args.labels]
+    lines = ["| init | " + " | ".join(f"{n} labels" for n in labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    table = {}
+    for init in inits:
+        cells = []
+        for n in labels:
+            rs = [r for r in results if r["init"] == init and str(r["n"]) == n]
+            m = [r["mean_dice"] for r in rs]
+            a = [r["dice_anterior"] for r in rs]
+            p = [r["dice_posterior"] for r in rs]
+            table[(init, n)] = (float(np.mean(m)), float(np.std(m)), float(np.mean(a)), float(np.mean(p)), len(rs))
+            cells.append(f"{np.mean(m):.3f} ± {np.std(m):.3f} ({np.mean(a):.2f} / {np.mean(p):.2f})" if rs else "-")
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean Dice over the 50 test volumes, mean ± std over seeds (anterior / posterior).", "",
+              "| pretraining | epochs | iterations | crops/s | train time (s) | peak RSS (MB) |",
+              "|---|---|---|---|---|---|"]
+    for method, s in pretrain_stats.items():
+        lines.append(f"| {method} | {s['epochs']} | {s['iterations']} | {s['crops_per_second']:.1f} | "
+                     f"{s['train_seconds']:.0f} | {s['peak_rss_mb']:.0f} |")
+    for method in args.methods:
+        gains = [table[(method, n)][0] - table[("scratch", n)][0] for n in labels if (method, n) in table]
+        lines.append(f"\n{method} minus scratch (mean Dice): " + ", ".join(
+            f"{n}: {g:+.3f}" for n, g in zip(labels, gains)))
+    text = "\n".join(lines)
+    _plot(args, table, inits, labels)
+    return text
+
+
+def _plot(args, table, inits, labels) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [150 if n == "all" else int(n) for n in labels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for init in inits:
+        mean = [table[(init, n)][0] for n in labels]
+        std = [table[(init, n)][1] for n in labels]
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=init)
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("labeled training volumes")
+    ax.set_ylabel("mean Dice on 50 test volumes")
+    ax.set_title("Few-shot hippocampus (MSD Task04), 3 seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = Path(os.environ.get("MEDVOL_DATA", REPO.parent / "shared" / "data")) / "hippocampus"
+    parser.add_argument("--data", type=Path, default=data)
+    parser.add_argument("--split", type=Path, default=REPO / "benchmarks" / "splits" / "hippocampus_fewshot.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fewshot_hippocampus")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "fewshot_hippocampus.png")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--labels", nargs="*", default=["1", "2", "5", "10", "all"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--channels", nargs="*", default=[8, 16, 32, 64],
+                        help="UNet3D channels per level (small enough for the 1-hour CPU budget)")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=25)
+    parser.add_argument("--iterations", type=int, default=20, help="fine-tuning iterations per epoch")
+    parser.add_argument("--workers", type=int, default=2, help="fine-tuning runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per fine-tuning process")
+    parser.add_argument("--pretrain-threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the pretraining process")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--_pretrain-one", dest="pretrain_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pretrain_one:
+        _pretrain_one(args.pretrain_one, args)
+        return
+    t0 = time.perf_counter()
+    stats = {m: pretrain(m, args) for m in args.methods} if not args.report_only else {
+        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text()) for m in args.methods}
+    checkpoints = {m: s["checkpoint"] for m, s in stats.items()}
+    results = finetune_all(args, checkpoints)
+    text = report(args, results, stats)
+    machine = platform.processor() or platform.machine()
+    header = (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
+              f"machine: {machine}, {os.cpu_count()} CPU cores, no GPU; total {time.perf_counter() - t0:.0f} s\n")
+    (args.out / "report.md").write_text(header + "\n" + text + "\n")
+    print(header + "\n" + text)
+
+
+if __name__ == "__main__":
+    main()
