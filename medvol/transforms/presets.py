@@ -25,10 +25,10 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
-    Spacingd,
 )
 
 from medvol.io.readers import LoadVolumed
+from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinited
 
 __all__ = ["ForegroundThreshold", "ct_preset", "mri_preset", "get_preset", "PRESETS"]
@@ -71,7 +71,7 @@ def _pipeline(keys, load, bias_correction, intensity, spacing, size, crop_foregr
         steps.append(Orientationd(keys, axcodes=orientation, labels=None, allow_missing_keys=True))
     if spacing is not None:
         modes = ["bilinear"] + ["nearest"] * len(label_keys)
-        steps.append(Spacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True))
+        steps.append(KeySafeSpacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True))
     steps += intensity(image_key)
     if crop_foreground:
         steps.append(CropForegroundd(keys, source_key=image_key, select_fn=ForegroundThreshold(foreground_threshold),
