@@ -223,6 +223,48 @@ def cmd_embed(args) -> int:
     return result.exit_code
 
 
+def _add_monailabel_app(sub):
+    p = sub.add_parser(
+        "monailabel-app",
+        help="prepare a MONAI Label app folder serving a bundle (local, no model-zoo download)",
+        description="Copy MONAI Label's bundle app (monaibundle, from the monailabel package installed in this "
+        "environment) into APP unless APP/main.py exists, put BUNDLE with its checkpoint in APP/model/NAME/, "
+        "write --set overrides into the copied configs, check that the checkpoint fits the network and print the "
+        "'monailabel start_server' line. Run it in MONAI Label's environment (medvol must be installed there).",
+        epilog="example: medvol monailabel-app apps/medvol --bundle bundles/fewshot_segmentation "
+        "--checkpoint runs/seg/models/model.pt --studies /data/studies",
+    )
+    p.add_argument("app", type=Path, help="app folder to create or update")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/fewshot_segmentation")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="trained state dict, e.g. runs/seg/models/model.pt (default: BUNDLE/models/model.pt)")
+    p.add_argument("--name", default=None, help="model name in MONAI Label (default: the bundle folder's name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="write a config value into the copied inference/train/evaluate.json (value parsed as JSON "
+                   "when it can be), e.g. --set preset=ct --set spacing=[1.5,1.5,1.5]; use the values used in "
+                   "training (MONAI Label runs the configs without command-line overrides); repeatable")
+    p.add_argument("--studies", default="STUDIES", help="studies folder to put in the printed command line")
+    p.add_argument("--host", default="127.0.0.1", help="host in the printed command line (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port in the printed command line (default 8000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing APP/model/NAME/")
+    p.set_defaults(func=cmd_monailabel_app)
+
+
+def cmd_monailabel_app(args) -> int:
+    from medvol.apps.monailabel_app import prepare_app
+
+    overrides = _parse_overrides(args.overrides)
+    try:
+        app = prepare_app(args.app, args.bundle, checkpoint=args.checkpoint, name=args.name, overrides=overrides,
+                          overwrite=args.overwrite)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    print(f"MONAI Label app ready: {app.app_dir} (model '{app.name}' in {app.bundle_dir})")
+    print("start it with:")
+    print(app.command(studies=args.studies, host=args.host, port=args.port))
+    return EXIT_OK
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the end-to-end demo on the data shipped with medvol",
                        description="Preprocess the demo scans (MRI with labels, CT, DICOM, NRRD) with QC pictures, "
@@ -247,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_preprocess(sub)
     _add_embed(sub)
+    _add_monailabel_app(sub)
     _add_demo(sub)
     return parser
 
