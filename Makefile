@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvol-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-monailabel lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The real MONAI Label (0.8.5) in its own environment (.venv-monailabel, CUDA torch + torchvision, ~5 GB):
+# not part of `make test` / CI; see docs/monailabel.md.
+test-monailabel:
+	scripts/test_monailabel.sh $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check medvol tests benchmarks
