@@ -118,9 +118,10 @@ def test_killed_run_resumes_to_identical_result(demo_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "medvol", "preprocess", str(src), str(out), "--preset", "mri", "--n4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.nii.gz"))) < 3:
+    deadline = time.time() + 600  # generous: start-up plus 3 N4 runs can take minutes on a loaded machine
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.nii.gz"))) < 3:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run finished (or died) before it could be killed midway"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("*.nii.gz")))
