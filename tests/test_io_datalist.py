@@ -26,6 +26,8 @@ def _hippo_subset(demo_dir, dst, n=3, labels=True):
 
 def test_case_name():
     assert case_name("/a/b/case_0000.nii.gz") == "case"
+    # numbered files are different cases, not channels of one case
+    assert case_name("/a/amos_0001.nii.gz") == "amos_0001" != case_name("/a/amos_0002.nii.gz")
     assert case_name("x/brain.nrrd") == "brain"
     assert case_name("x/series1") == "series1"
     assert case_name("x/series1#1.2.3") == "series1"

@@ -38,11 +38,13 @@ __all__ = [
 
 # (images sub-folder, labels sub-folder) layouts recognised by datalist_from_folder, in priority order
 IMAGE_LABEL_DIRS = (("imagesTr", "labelsTr"), ("images", "labels"), ("imagesTs", "labelsTs"))
-_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+# nnU-Net's first-channel suffix. Only ``_0000``: a general ``_NNNN`` would merge ordinary numbered files
+# (``amos_0001``, ``amos_0002`` -> ``amos``) into one case.
+_CHANNEL_SUFFIX = re.compile(r"_0000$")
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """Case name of a volume: the file name without its suffix (and nnU-Net ``_0000``), or the folder name."""
+    """Case name of a volume: the file name without its suffix and nnU-Net's ``_0000`` channel suffix, or the folder name."""
     name = Path(str(path).split("#", 1)[0]).name
     suffix = volume_suffix(name)
     if suffix:
