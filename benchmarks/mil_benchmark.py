@@ -347,7 +347,7 @@ def adrenal_nifti(npz: Path, out: Path) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
         for i, (img, lab) in enumerate(zip(images, labels)):
-            case = f"adrenal_{split}_n{i:04d}"  # not _NNNN: medvol drops nnU-Net channel suffixes
+            case = f"adrenal_{split}_n{i:04d}"  # "_n": index 0 would otherwise end in nnU-Net's "_0000" channel suffix
             nib.save(nib.Nifti1Image(np.ascontiguousarray(img), np.eye(4)), str(folder / f"{case}.nii.gz"))
             rows.append((case, int(lab), split))
         counts[split] = {"n": int(len(labels)), "positive": int(labels.sum())}
