@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,31 +23,14 @@ import threading
 import time
 from pathlib import Path
 
+from machine_info import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "lecl_slice_embedding"
 
 
 def machine() -> dict:
-    import monai
-    import torch
-
-    model = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = Path("/proc/meminfo").read_text().split()[1] if Path("/proc/meminfo").exists() else "0"
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": model,
-        "ram_gib": round(int(mem) / 2**20, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "loadavg_before": os.getloadavg(),
-    }
+    return machine_info()
 
 
 def _rss_kib(pid: int) -> int:

@@ -37,13 +37,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine_info import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 LECL = REPO / "bundles" / "lecl_slice_embedding"
@@ -97,20 +97,7 @@ def stage(out: Path, name: str, fn):
 
 
 def machine() -> dict:
-    import monai
-    import torch
-
-    model = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = Path("/proc/meminfo").read_text().split()[1] if Path("/proc/meminfo").exists() else "0"
-    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu": model, "ram_gib": round(int(mem) / 2**20, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__}
+    return machine_info()
 
 
 def set_args(overrides: dict) -> list[str]:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import monai
 import numpy as np
 import SimpleITK as sitk
 import torch
+from machine_info import machine_info
 from monai.transforms import LoadImage
 
 from medvol.transforms.n4 import N4BiasFieldCorrection
@@ -34,21 +33,7 @@ CONTROL_POINTS = 4
 
 
 def machine() -> dict:
-    model = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": model,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "simpleitk": sitk.Version_VersionString(),
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-    }
+    return machine_info(simpleitk=sitk.Version_VersionString())
 
 
 def direct_n4(path: Path, threads: int) -> tuple[np.ndarray, np.ndarray, float, float]:
