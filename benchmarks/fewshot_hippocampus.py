@@ -144,6 +144,19 @@ def _pretrain_one(method: str, args) -> None:
 # ---- stage 2: fine-tuning + evaluation -----------------------------------------------------------------------
 
 
+def _log_to(stream) -> None:
+    """Point every logging stream handler at ``stream``: the bundles' loggers are created once per worker
+    process and would otherwise keep writing to the previous run's (closed) log file."""
+    import logging
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream = stream  # not setStream(): it flushes the old stream, which may be closed
+
+
 def _finetune_one(job: dict) -> dict:
     import contextlib
 
@@ -158,6 +171,7 @@ def _finetune_one(job: dict) -> dict:
     common = job["common"]
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        _log_to(log)
         train = {**common, "output_dir": str(out), "num_labeled": job["n"], "seed": job["seed"],
                  "max_epochs": job["epochs"], "iterations_per_epoch": job["iterations"],
                  "pretrained_checkpoint": job["checkpoint"], "num_workers": 0}
