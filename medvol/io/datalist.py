@@ -44,7 +44,7 @@ _CHANNEL_SUFFIX = re.compile(r"_0000$")
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """Case name of a volume: the file name without its suffix and nnU-Net's ``_0000`` channel suffix, or the folder name."""
+    """Case name of a volume: the file name without its suffix and nnU-Net's ``_0000``, or the folder name."""
     name = Path(str(path).split("#", 1)[0]).name
     suffix = volume_suffix(name)
     if suffix:
