@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,50 @@ DEMO_DIR = REPO_ROOT / "demo_data"
 BUNDLES_DIR = REPO_ROOT / "bundles"
 
 
+def bundle_workflow(bundle: str, config: str = "train.json", run_id: str = "run", **overrides):
+    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<config>``, as ``monai.bundle run`` builds it."""
+    from monai.bundle import ConfigWorkflow
+
+    root = BUNDLES_DIR / bundle
+    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
+                        logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
+                        bundle_root=str(root), run_id=run_id, **overrides)
+    wf.initialize()
+    return wf
+
+
+def run_bundle(bundle: str, config: str = "train.json", run_id: str = "run", **overrides):
+    """Run ``run_id`` of a bundle config to the end (run + finalize) and return the workflow."""
+    wf = bundle_workflow(bundle, config, run_id, **overrides)
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run ARGS`` from the repository root, as a user runs it (output captured)."""
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env=env)
+
+
 HIPPO_IMAGE = "hippocampus/imagesTr/hippocampus_004.nii.gz"
+
+
+def copy_hippo(demo_dir: Path, dst: Path, n: int) -> list[Path]:
+    """Copy the first ``n`` demo hippocampus MRI volumes into ``dst``; returns the copies."""
+    dst.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(p, dst / p.name)) for p in sorted((demo_dir / "hippocampus" / "imagesTr").iterdir())[:n]]
+
+
+def make_mixed_input(demo_dir: Path, root: Path, n_mri: int):
+    """A batch-CLI input folder: ``n_mri`` NIfTI MRIs, an NRRD and a DICOM series next to every bad input.
+
+    Returns ``(root, good paths, make_bad_inputs(...))``.
+    """
+    good = copy_hippo(demo_dir, root / "mri", n_mri)
+    good.append(Path(shutil.copy(demo_dir / "nrrd" / "breast1_image.nrrd", root / "breast1.nrrd")))
+    good.append(Path(shutil.copytree(demo_dir / "dicom" / "hippocampus_study1", root / "dicom" / "study1")))
+    return root, good, make_bad_inputs(demo_dir, root / "bad")
 
 # name -> regular expression the DataError message must match
 BAD_INPUTS = {
@@ -56,6 +102,22 @@ def make_bad_inputs(demo_dir: Path, folder: Path) -> dict[str, tuple[Path, str]]
         (junk / f"IM{i}.dcm").write_text("not dicom")
     paths["unreadable_dicom"] = junk
     return {name: (paths[name], pattern) for name, pattern in BAD_INPUTS.items()}
+
+
+@pytest.fixture
+def count_fits(monkeypatch) -> list[int]:
+    """Records the number of samples of every ``medvol.cluster.KMeans.fit`` call (the fit still runs)."""
+    from medvol.cluster import KMeans
+
+    calls: list[int] = []
+    original = KMeans.fit
+
+    def counting(self, x):
+        calls.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(KMeans, "fit", counting)
+    return calls
 
 
 def _shared_data() -> Path | None:

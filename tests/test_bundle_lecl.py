@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow
 from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
 from medvol.apps.cli import main
 from medvol.apps.embed import file_sha256
@@ -30,14 +30,6 @@ TINY = {"encoder_options": {"mambaout": {"dims": [8, 16], "depths": [1, 1]}}, "s
 TINY_METHOD = {"method#proj_dim": 16, "method#hidden_dim": 32, "method#pred_hidden_dim": 32}
 SHARED = ("network_def", "encoder", "encoder_options", "in_channels", "slice_size", "spatial_size", "context",
           "windows", "preset", "spacing", "axis")
-
-
-def _workflow(config: str, **overrides) -> ConfigWorkflow:
-    wf = ConfigWorkflow(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
-                        logging_file=str(CONFIGS / "logging.conf"), workflow_type=None, bundle_root=str(BUNDLE),
-                        **overrides)
-    wf.initialize()
-    return wf
 
 
 def _set_cli(overrides: dict) -> list[str]:
@@ -61,8 +53,9 @@ def lesion_data(demo_dir, tmp_path_factory) -> Path:
 def trained(lesion_data, tmp_path_factory) -> tuple[Path, list[float]]:
     """Two tiny epochs; returns the output folder and the lesion fraction of every training batch."""
     out = tmp_path_factory.mktemp("lecl_run")
-    wf = _workflow("train.json", dataset_dir=str(lesion_data), output_dir=str(out), max_epochs=2, batch_size=8,
-                   samples_per_volume=6, val_fraction=0.25, warmup_epochs=1, lesion_prob=1.0, **TINY, **TINY_METHOD)
+    wf = bundle_workflow(BUNDLE.name, "train.json", dataset_dir=str(lesion_data), output_dir=str(out), max_epochs=2,
+                         batch_size=8, samples_per_volume=6, val_fraction=0.25, warmup_epochs=1, lesion_prob=1.0,
+                         **TINY, **TINY_METHOD)
     fractions: list[float] = []
     trainer = wf.parser.get_parsed_content("train#trainer")
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
@@ -145,7 +138,7 @@ def test_train_then_inference_writes_one_bag_per_volume(trained, lesion_data, tm
     assert (out / "checkpoints" / "last.pt").is_file() and list((out / "tensorboard").iterdir())
     assert max(fractions) > 0  # lesion pairs from breast1's mask reached the loss
 
-    _workflow("inference.json", dataset_dir=str(lesion_data), output_dir=str(out), **TINY).run()
+    bundle_workflow(BUNDLE.name, "inference.json", dataset_dir=str(lesion_data), output_dir=str(out), **TINY).run()
     images = sorted((lesion_data / "imagesTr").iterdir())
     bags = sorted((out / "embeddings").glob("*.h5"))
     assert [b.stem for b in bags] == sorted(p.name.split(".")[0] for p in images)
@@ -196,18 +189,13 @@ def test_slice_mil_bundle_reads_the_bags(trained, demo_dir, tmp_path):
 # ---- user errors and scale-out (subprocesses: what a user sees) -----------------------------------------
 
 
-def _bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env=env)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_dir", "unknown_encoder", "windows_with_mri", "missing_boxes_csv"])
 def test_wrong_config_gives_one_clear_line(case, lesion_data, tmp_path):
     data = tmp_path / "nope" if case == "missing_dir" else lesion_data
     extra = {"unknown_encoder": ["--encoder", "resnet"], "windows_with_mri": ["--windows", "['lung']"],
              "missing_boxes_csv": ["--lesion_boxes_csv", str(tmp_path / "boxes.csv")]}.get(case, [])
-    proc = _bundle_cli(["--config_file", "bundles/lecl_slice_embedding/configs/train.json", "--bundle_root",
+    proc = bundle_cli(["--config_file", "bundles/lecl_slice_embedding/configs/train.json", "--bundle_root",
                         "bundles/lecl_slice_embedding", "--dataset_dir", str(data), "--output_dir", str(tmp_path / "o"),
                         "--max_epochs", "1", *extra])
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The CAiD, global+local contrastive and few-shot segmentation bundles, run end to end on real MRI."""
+"""The U-Net bundles' structure; CAiD, global+local contrastive and few-shot segmentation run end to end on real MRI."""
 
 from __future__ import annotations
 
@@ -14,30 +14,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow, run_bundle
 from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
 SSL_BUNDLES = ["caid", "global_local_contrastive"]
-ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation"]
+# the U-Net bundles; the structure tests below cover all of them
+ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation", "patch_clustering", "pixel_clustering"]
 SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
-
-
-def _workflow(bundle: str, config: str = "train.json", **overrides) -> ConfigWorkflow:
-    root = BUNDLES_DIR / bundle
-    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
-                        logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
-                        bundle_root=str(root), **overrides)
-    wf.initialize()
-    return wf
-
-
-def _run(bundle: str, config: str = "train.json", **overrides) -> ConfigWorkflow:
-    wf = _workflow(bundle, config, **overrides)
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +50,7 @@ def _ssl_overrides(bundle: str, data: Path, out: Path, **kw) -> dict:
 @pytest.fixture(scope="module")
 def caid_run(hippo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("caid")
-    _run("caid", **_ssl_overrides("caid", hippo, out))
+    run_bundle("caid", **_ssl_overrides("caid", hippo, out))
     return out
 
 
@@ -127,7 +112,7 @@ def test_caid_trains_and_embeds(caid_run, hippo):
     assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
     assert (caid_run / "checkpoints" / "last.pt").is_file()
     assert list((caid_run / "tensorboard").iterdir())
-    _run("caid", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(caid_run),
+    run_bundle("caid", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(caid_run),
          pad_size=[32, 48, 32], **TINY)
     vectors = sorted((caid_run / "embeddings").glob("*.npy"))
     assert len(vectors) == 6
@@ -137,7 +122,7 @@ def test_caid_trains_and_embeds(caid_run, hippo):
 
 @pytest.mark.slow
 def test_global_local_runs_both_stages(hippo, tmp_path):
-    wf = _workflow("global_local_contrastive", **_ssl_overrides("global_local_contrastive", hippo, tmp_path,
+    wf = bundle_workflow("global_local_contrastive", **_ssl_overrides("global_local_contrastive", hippo, tmp_path,
                                                                 global_epochs=1))
     method = wf.parser.get_parsed_content("method")
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -158,19 +143,19 @@ def test_global_local_runs_both_stages(hippo, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", SSL_BUNDLES)
 def test_ssl_without_validation_saves_every_epoch(bundle, hippo, tmp_path):
-    wf = _run(bundle, **_ssl_overrides(bundle, hippo, tmp_path, val_fraction=0, max_epochs=1))
+    wf = run_bundle(bundle, **_ssl_overrides(bundle, hippo, tmp_path, val_fraction=0, max_epochs=1))
     assert len(wf.parser.get_parsed_content("datalist_split")[1]) == 0
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
 @pytest.mark.slow
 def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
-    full = _run("caid", **_ssl_overrides("caid", hippo, tmp_path / "full"))
-    part = _workflow("caid", **_ssl_overrides("caid", hippo, tmp_path / "part"))
+    full = run_bundle("caid", **_ssl_overrides("caid", hippo, tmp_path / "full"))
+    part = bundle_workflow("caid", **_ssl_overrides("caid", hippo, tmp_path / "part"))
     part.parser.get_parsed_content("train#trainer").add_event_handler(
         Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # as if killed after epoch 1
     part.run()
-    resumed = _run("caid", **_ssl_overrides("caid", hippo, tmp_path / "part", resume=True))
+    resumed = run_bundle("caid", **_ssl_overrides("caid", hippo, tmp_path / "part", resume=True))
     assert resumed.parser.get_parsed_content("train#trainer").state.epoch == 2
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["method"]
     b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["method"]
@@ -183,7 +168,7 @@ def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
 def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
     ckpt = caid_run / "models" / "model.pt"
     common = {"dataset_dir": str(hippo), "output_dir": str(tmp_path), "roi_size": [16, 32, 16], **TINY}
-    wf = _workflow("fewshot_segmentation", **common, pretrained_checkpoint=str(ckpt), num_labeled=2, seed=1,
+    wf = bundle_workflow("fewshot_segmentation", **common, pretrained_checkpoint=str(ckpt), num_labeled=2, seed=1,
                    max_epochs=1, iterations_per_epoch=3)
     net = wf.parser.get_parsed_content("network_def")
     pretrained = torch.load(ckpt, weights_only=True)
@@ -196,14 +181,14 @@ def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
     wf.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
 
-    _run("fewshot_segmentation", "evaluate.json", **common)
+    run_bundle("fewshot_segmentation", "evaluate.json", **common)
     rows = list(csv.DictReader(open(tmp_path / "eval" / "dice_per_volume.csv")))
     assert len(rows) == 6 and list(rows[0]) == ["case", "anterior", "posterior", "mean"]
     summary = json.loads((tmp_path / "eval" / "dice_summary.json").read_text())
     assert summary["n_volumes"] == 6 and 0 <= summary["mean_dice"]["mean"] <= 1
     assert summary["mean_dice"]["mean"] == pytest.approx(np.mean([float(r["mean"]) for r in rows]), abs=1e-5)
 
-    _run("fewshot_segmentation", "inference.json", **{**common, "dataset_dir": str(hippo / "imagesTr")})
+    run_bundle("fewshot_segmentation", "inference.json", **{**common, "dataset_dir": str(hippo / "imagesTr")})
     for image in sorted((hippo / "imagesTr").iterdir()):
         seg = nib.load(tmp_path / "segmentations" / image.name.replace(".nii.gz", "_seg.nii.gz"))
         src = nib.load(image)
@@ -244,11 +229,6 @@ def test_monai_label_style_inference(caid_run, hippo, tmp_path):
 # ---- user errors and scale-out (subprocesses: what a user sees) -----------------------------------------
 
 
-def _cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env=env)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "label_without_image", "unknown_backbone"])
 def test_wrong_config_gives_one_clear_line(case, hippo, tmp_path):
@@ -261,7 +241,7 @@ def test_wrong_config_gives_one_clear_line(case, hippo, tmp_path):
         (data / "imagesTr" / "hippocampus_004.nii.gz").unlink()
     extra = ["--backbone", "resnet"] if case == "unknown_backbone" else []
     bundle = "fewshot_segmentation" if case == "label_without_image" else "caid"
-    proc = _cli(["--config_file", f"bundles/{bundle}/configs/train.json", "--bundle_root", f"bundles/{bundle}",
+    proc = bundle_cli(["--config_file", f"bundles/{bundle}/configs/train.json", "--bundle_root", f"bundles/{bundle}",
                  "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1", *extra])
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("medvol: error:")]

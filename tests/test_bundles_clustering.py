@@ -14,34 +14,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow, run_bundle
 from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
 from medvol.cluster import KMeans
 from medvol.errors import ConfigError, find_error
 from medvol.networks import load_pretrained
 
 BUNDLES = ["patch_clustering", "pixel_clustering"]
-SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
 K = 4
-
-
-def _workflow(bundle: str, config: str = "train.json", run_id: str = "run", **overrides) -> ConfigWorkflow:
-    root = BUNDLES_DIR / bundle
-    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
-                        logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
-                        bundle_root=str(root), run_id=run_id, **overrides)
-    wf.initialize()
-    return wf
-
-
-def _run(bundle: str, config: str = "train.json", run_id: str = "run", **overrides) -> ConfigWorkflow:
-    wf = _workflow(bundle, config, run_id, **overrides)
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 @pytest.fixture(scope="module")
@@ -75,64 +58,26 @@ def _fewshot_network():
 @pytest.fixture(scope="module")
 def patch_run(hippo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("patch")
-    _run("patch_clustering", **_overrides("patch_clustering", hippo, out))
+    run_bundle("patch_clustering", **_overrides("patch_clustering", hippo, out))
     return out
-
-
-@pytest.fixture
-def count_fits(monkeypatch):
-    calls = []
-    original = KMeans.fit
-
-    def counting(self, x):
-        calls.append(len(x))
-        return original(self, x)
-
-    monkeypatch.setattr(KMeans, "fit", counting)
-    return calls
 
 
 # ---- structure ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_bundle_layout_and_metadata(bundle):
+def test_clustering_config_defaults(bundle):
+    """Layout, metadata schema and network_def consistency: tests/test_bundles.py (ALL_BUNDLES)."""
     root = BUNDLES_DIR / bundle
-    needed = ["configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/multi_gpu_train.json",
-              "configs/logging.conf", "docs/README.md", "LICENSE"]
-    assert [f for f in needed if not (root / f).is_file()] == []
     assert (root / "LICENSE").read_text() == (BUNDLES_DIR / "caid" / "LICENSE").read_text()
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))  # raises if invalid
     train = json.loads((root / "configs" / "train.json").read_text())
-    for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs", "split_file",
-                "seed", "resume", "preset"):
+    for key in ("split_file", "seed", "resume", "preset"):
         assert key in train, f"{bundle}/train.json lacks {key}"
     assert train["preset"] == "mri" and train["backbone_options"]["unet"]["norm"] == "instance"
     if bundle == "pixel_clustering":
         assert "cluster" in train and train["num_clusters"] == 10
-
-
-@pytest.mark.parametrize("bundle", BUNDLES)
-def test_network_def_is_the_same_in_every_config(bundle):
-    seen = {}
-    for path in sorted((BUNDLES_DIR / bundle / "configs").glob("*.json")):
-        cfg = json.loads(path.read_text())
-        if "network_def" in cfg:
-            seen[path.name] = {k: cfg.get(k) for k in ("network_def", "backbone", "backbone_options")}
-    assert len(seen) >= 2 and all(v == seen["train.json"] for v in seen.values()), seen
     fewshot = json.loads((BUNDLES_DIR / "fewshot_segmentation" / "configs" / "train.json").read_text())
-    assert seen["train.json"]["backbone_options"] == fewshot["backbone_options"]  # same norm as fine-tuning
-
-
-@pytest.mark.parametrize("bundle", BUNDLES)
-def test_verify_net_in_out(bundle):
-    from monai.bundle import verify_net_in_out
-
-    root = BUNDLES_DIR / bundle / "configs"
-    verify_net_in_out(net_id="network_def", meta_file=str(root / "metadata.json"),
-                      config_file=str(root / "inference.json"), n=2, device="cpu")
+    assert train["backbone_options"] == fewshot["backbone_options"]  # same norm as fine-tuning
 
 
 # ---- patch-level runs ----------------------------------------------------------------------------------------
@@ -151,7 +96,7 @@ def test_patch_trains_embeds_and_feeds_fewshot(patch_run, hippo):
     for key, value in net.state_dict().items():
         if key.startswith("encoder."):
             torch.testing.assert_close(value, state[key], msg=key)
-    _run("patch_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(patch_run),
+    run_bundle("patch_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(patch_run),
          pad_size=[32, 48, 32], **TINY)
     emb = np.stack([np.load(v) for v in sorted((patch_run / "embeddings").glob("*.npy"))])
     assert emb.shape == (6, 16) and np.isfinite(emb).all() and emb.std(axis=0).max() > 0
@@ -159,12 +104,12 @@ def test_patch_trains_embeds_and_feeds_fewshot(patch_run, hippo):
 
 @pytest.mark.slow
 def test_patch_resume_matches_uninterrupted(hippo, tmp_path):
-    _run("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "full"))
-    part = _workflow("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "part"))
+    run_bundle("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "full"))
+    part = bundle_workflow("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "part"))
     part.parser.get_parsed_content("train#trainer").add_event_handler(
         Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # as if killed after epoch 1
     part.run()
-    _run("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "part", resume=True))
+    run_bundle("patch_clustering", **_overrides("patch_clustering", hippo, tmp_path / "part", resume=True))
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["method"]
     b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["method"]
     for key in a:
@@ -178,11 +123,11 @@ def test_patch_resume_matches_uninterrupted(hippo, tmp_path):
 def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     over = _overrides("pixel_clustering", hippo, tmp_path)
     with pytest.raises(Exception) as info:  # `run` before `cluster`
-        _run("pixel_clustering", **over)
+        run_bundle("pixel_clustering", **over)
     err = find_error(info.value, ConfigError)
     assert err is not None and "run `python -m monai.bundle run cluster" in str(err)
 
-    _run("pixel_clustering", run_id="cluster", **over)
+    run_bundle("pixel_clustering", run_id="cluster", **over)
     assert count_fits == [4000]  # one k-means fit for the whole dataset
     rows = list(csv.DictReader(open(tmp_path / "pseudolabels" / "manifest.csv")))
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
@@ -190,11 +135,11 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     assert list((tmp_path / "tensorboard").iterdir())
     assert KMeans.read_metadata(tmp_path / "pseudolabels" / "kmeans.npz")["feature_source"].startswith("handcrafted")
 
-    _run("pixel_clustering", run_id="cluster", **over)  # resumed: nothing refitted or rewritten
+    run_bundle("pixel_clustering", run_id="cluster", **over)  # resumed: nothing refitted or rewritten
     assert count_fits == [4000]
     assert {r["status"] for r in csv.DictReader(open(tmp_path / "pseudolabels" / "manifest.csv"))} == {"skipped"}
 
-    wf = _workflow("pixel_clustering", **over)
+    wf = bundle_workflow("pixel_clustering", **over)
     seen = {}
     wf.parser.get_parsed_content("train#trainer").add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: seen.update(e.state.output))
@@ -208,7 +153,7 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     report = load_pretrained(net, tmp_path / "models" / "model.pt")  # encoder + decoder, as fewshot does
     assert not report["skipped_shape"] and not report["missing"]
 
-    _run("pixel_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(tmp_path),
+    run_bundle("pixel_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(tmp_path),
          num_clusters=K, **TINY)
     for image in sorted((hippo / "imagesTr").iterdir()):
         out = nib.load(tmp_path / "cluster_maps" / image.name.replace(".nii.gz", "_clusters.nii.gz"))
@@ -222,7 +167,7 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
 def test_pixel_cluster_with_an_encoder_teacher(patch_run, hippo, tmp_path, count_fits):
     over = _overrides("pixel_clustering", hippo, tmp_path, teacher_checkpoint=str(patch_run / "models" / "model.pt"),
                       montage_volumes=0, val_fraction=0.0)
-    _run("pixel_clustering", run_id="cluster", **over)
+    run_bundle("pixel_clustering", run_id="cluster", **over)
     meta = KMeans.read_metadata(tmp_path / "pseudolabels" / "kmeans.npz")
     assert count_fits == [4000] and meta["spherical"] and meta["feature_source"].startswith("encoder UNet3D")
     assert str(patch_run / "models" / "model.pt") in meta["feature_source"]
@@ -238,8 +183,7 @@ def test_pixel_run_before_cluster_gives_one_line(hippo, tmp_path):
     out = tmp_path / "out"
     args = ["--config_file", "bundles/pixel_clustering/configs/train.json", "--bundle_root", "bundles/pixel_clustering",
             "--dataset_dir", str(hippo), "--output_dir", str(out), "--max_epochs", "1"]
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = bundle_cli(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("medvol: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BAD_INPUTS, BUNDLES_DIR, REPO_ROOT, make_bad_inputs
+from conftest import BAD_INPUTS, BUNDLES_DIR, REPO_ROOT, copy_hippo, make_bad_inputs, make_mixed_input
 from monai.bundle import ConfigParser
 
 from medvol.apps.cli import main
@@ -54,20 +54,10 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _copy_hippo(demo_dir: Path, dst: Path, n: int) -> list[Path]:
-    dst.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy(p, dst / p.name)) for p in sorted((demo_dir / "hippocampus" / "imagesTr").iterdir())[:n]]
-
-
 @pytest.fixture
 def mixed_input(demo_dir, tmp_path):
     """Good MRI volumes (NIfTI, NRRD, DICOM) next to every kind of bad input."""
-    root = tmp_path / "in"
-    good = _copy_hippo(demo_dir, root / "mri", 2)
-    good.append(Path(shutil.copy(demo_dir / "nrrd" / "breast1_image.nrrd", root / "breast1.nrrd")))
-    good.append(Path(shutil.copytree(demo_dir / "dicom" / "hippocampus_study1", root / "dicom" / "study1")))
-    bad = make_bad_inputs(demo_dir, root / "bad")
-    return root, good, bad
+    return make_mixed_input(demo_dir, tmp_path / "in", 2)
 
 
 def test_bad_inputs_fail_alone_and_good_ones_are_embedded(mixed_input, checkpoint, tmp_path, capsys):
@@ -104,8 +94,8 @@ def test_bad_inputs_fail_alone_and_good_ones_are_embedded(mixed_input, checkpoin
 
 
 def test_same_case_name_in_two_folders_fails_the_second(demo_dir, checkpoint, tmp_path):
-    first = _copy_hippo(demo_dir, tmp_path / "in" / "a", 1)[0]
-    second = _copy_hippo(demo_dir, tmp_path / "in" / "b", 1)[0]  # same file name: same <case>.h5
+    first = copy_hippo(demo_dir, tmp_path / "in" / "a", 1)[0]
+    second = copy_hippo(demo_dir, tmp_path / "in" / "b", 1)[0]  # same file name: same <case>.h5
     assert _embed(tmp_path / "in", tmp_path / "out", checkpoint) == 1
     rows = _manifest(tmp_path / "out")
     assert rows[str(first)]["status"] == "ok" and rows[str(second)]["status"] == "failed"
@@ -113,7 +103,7 @@ def test_same_case_name_in_two_folders_fails_the_second(demo_dir, checkpoint, tm
 
 
 def test_skip_empty_threshold_keeps_a_subset_of_slices(demo_dir, checkpoint, tmp_path):
-    src = _copy_hippo(demo_dir, tmp_path / "in", 1)[0]
+    src = copy_hippo(demo_dir, tmp_path / "in", 1)[0]
     assert _embed(tmp_path / "in", tmp_path / "some", checkpoint, "--set", "skip_empty_threshold=0.99") == 0
     volume = LoadVolume(ensure_channel_first=False)(str(src))
     bag = read_bag(tmp_path / "some" / "hippocampus_004.h5")
@@ -182,7 +172,7 @@ def _same_results(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_two_workers_match_one(demo_dir, checkpoint, tmp_path):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 4)
+    copy_hippo(demo_dir, src, 4)
     make_bad_inputs(demo_dir, src / "bad")
     one, two = tmp_path / "one", tmp_path / "two"
     assert _embed(src, one, checkpoint) == 1
@@ -193,7 +183,7 @@ def test_two_workers_match_one(demo_dir, checkpoint, tmp_path):
 @pytest.mark.slow
 def test_torchrun_shards_and_merges(demo_dir, checkpoint, tmp_path):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 3)
+    copy_hippo(demo_dir, src, 3)
     make_bad_inputs(demo_dir, src / "bad")
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert _embed(src, single, checkpoint) == 1
@@ -209,7 +199,7 @@ def test_torchrun_shards_and_merges(demo_dir, checkpoint, tmp_path):
 
 def test_usage_errors_exit_2(demo_dir, checkpoint, tmp_path, capsys):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 1)
+    copy_hippo(demo_dir, src, 1)
     cases = [
         ([str(tmp_path / "missing"), str(tmp_path / "o")], "does not exist"),
         ([str(src), str(src / "out")], "inside input"),
@@ -248,7 +238,7 @@ def test_default_checkpoint_is_the_bundles_model(demo_dir, checkpoint, tmp_path)
     (bundle / "models").mkdir()
     shutil.copy(checkpoint, bundle / "models" / "model.pt")
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 1)
+    copy_hippo(demo_dir, src, 1)
     assert main(["embed", str(src), str(tmp_path / "o"), "--bundle", str(bundle), *SET]) == 0
     assert read_bag(next((tmp_path / "o").glob("*.h5"))).checkpoint_sha256 == file_sha256(checkpoint)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BAD_INPUTS, REPO_ROOT, make_bad_inputs
+from conftest import BAD_INPUTS, REPO_ROOT, copy_hippo, make_bad_inputs, make_mixed_input
 
 from medvol.apps.cli import main
 from medvol.transforms import mri_preset
@@ -25,12 +25,6 @@ def _manifest(out: Path) -> dict[str, dict]:
         return {row["source"]: row for row in csv.DictReader(f)}
 
 
-def _copy_hippo(demo_dir: Path, dst: Path, n: int) -> list[Path]:
-    dst.mkdir(parents=True, exist_ok=True)
-    names = sorted((demo_dir / "hippocampus" / "imagesTr").iterdir())[:n]
-    return [Path(shutil.copy(p, dst / p.name)) for p in names]
-
-
 def _outputs(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.nii.gz"))}
 
@@ -38,12 +32,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 @pytest.fixture
 def mixed_input(demo_dir, tmp_path):
     """Good MRI volumes (NIfTI, NRRD, DICOM) next to every kind of bad input."""
-    root = tmp_path / "in"
-    good = _copy_hippo(demo_dir, root / "mri", 3)
-    good.append(Path(shutil.copy(demo_dir / "nrrd" / "breast1_image.nrrd", root / "breast1.nrrd")))
-    good.append(Path(shutil.copytree(demo_dir / "dicom" / "hippocampus_study1", root / "dicom" / "study1")))
-    bad = make_bad_inputs(demo_dir, root / "bad")
-    return root, good, bad
+    return make_mixed_input(demo_dir, tmp_path / "in", 3)
 
 
 def test_bad_inputs_fail_alone_and_good_ones_are_written(mixed_input, tmp_path, capsys):
@@ -70,7 +59,7 @@ def test_bad_inputs_fail_alone_and_good_ones_are_written(mixed_input, tmp_path, 
 
 
 def test_output_matches_preset_and_keeps_affine(demo_dir, tmp_path):
-    src = _copy_hippo(demo_dir, tmp_path / "in", 1)[0]
+    src = copy_hippo(demo_dir, tmp_path / "in", 1)[0]
     out = tmp_path / "out"
     assert main(["preprocess", str(tmp_path / "in"), str(out), "--preset", "mri", "--spacing", "1.5", "1.5", "1.5",
                  "--size", "32", "40", "32"]) == 0
@@ -112,7 +101,7 @@ def test_resume_skips_finished_and_overwrite_redoes(mixed_input, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_result(demo_dir, tmp_path):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 12)
+    copy_hippo(demo_dir, src, 12)
     reference = tmp_path / "reference"
     assert main(["preprocess", str(src), str(reference), "--preset", "mri", "--n4"]) == 0
     out = tmp_path / "out"
@@ -136,7 +125,7 @@ def test_killed_run_resumes_to_identical_result(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_two_workers_match_one(demo_dir, tmp_path):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 6)
+    copy_hippo(demo_dir, src, 6)
     make_bad_inputs(demo_dir, src / "bad")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["preprocess", str(src), str(one), "--preset", "mri"]) == 1
@@ -151,7 +140,7 @@ def test_two_workers_match_one(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_shards_and_merges(demo_dir, tmp_path):
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 5)
+    copy_hippo(demo_dir, src, 5)
     make_bad_inputs(demo_dir, src / "bad")
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert main(["preprocess", str(src), str(single), "--preset", "mri"]) == 1
@@ -172,7 +161,7 @@ def test_usage_errors_exit_2(demo_dir, tmp_path, capsys):
     assert main(["preprocess", str(tmp_path / "missing"), str(tmp_path / "o"), "--preset", "ct"]) == 2
     assert "does not exist" in capsys.readouterr().err
     src = tmp_path / "in"
-    _copy_hippo(demo_dir, src, 1)
+    copy_hippo(demo_dir, src, 1)
     assert main(["preprocess", str(src), str(src / "out"), "--preset", "mri"]) == 2
     assert "inside input" in capsys.readouterr().err
     assert main(["preprocess", str(src), str(tmp_path / "o"), "--preset", "ct", "--n4"]) == 2

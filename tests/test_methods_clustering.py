@@ -220,19 +220,6 @@ def test_voxel_features_at_arbitrary_voxels():
 # ---- pseudo-label cache ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def count_fits(monkeypatch):
-    calls = []
-    original = KMeans.fit
-
-    def counting(self, x):
-        calls.append(len(x))
-        return original(self, x)
-
-    monkeypatch.setattr(KMeans, "fit", counting)
-    return calls
-
-
 def _build(volumes, out, **kw):
     datalist = [{"image": str(v)} for v in volumes]
     args = dict(num_clusters=4, max_samples=3000, per_volume_quota=1000, kmeans_device="cpu", montage_volumes=2)

@@ -5,6 +5,8 @@
 - :class:`LocalContrastiveLoss`: Chaitanya et al.'s region-level loss on 2D/3D decoder maps.
 - :class:`RestorationLoss`: masked MSE / L1 (context restoration).
 - :class:`LeCLLoss`: MoCo v3 with CLEAR's lesion-weighted denominator.
+- :class:`SwappedPredictionLoss` / :class:`PixelSwappedCELoss`: volumetric clustering's swapped prediction
+  (patch level, SwAV style; pixel level on the ROI-aligned overlap of two views).
 
 Every loss computes its logits in float32, also under autocast.
 """
@@ -16,8 +18,6 @@ from medvol.losses.lecl import LeCLLoss
 from medvol.losses.local_contrastive import LocalContrastiveLoss
 from medvol.losses.moco import MoCoLoss
 from medvol.losses.restoration import RestorationLoss
-
-__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss"]
 from medvol.losses.swapped_prediction import (
     PixelSwappedCELoss,
     SwappedPredictionLoss,
@@ -27,5 +27,5 @@ from medvol.losses.swapped_prediction import (
     warp_to_view,
 )
 
-__all__ += ["PixelSwappedCELoss", "SwappedPredictionLoss", "overlap_points", "roi_align_pair", "sample_at",
-            "warp_to_view"]
+__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss", "PixelSwappedCELoss",
+           "SwappedPredictionLoss", "overlap_points", "roi_align_pair", "sample_at", "warp_to_view"]
