@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,20 @@ def bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.Comp
     """``python -m monai.bundle run ARGS`` from the repository root, as a user runs it (output captured)."""
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT, env=env)
+
+
+def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m monai.bundle run`` of train.json + multi_gpu_train.json (gloo on CPU),
+    with ``--key value`` overrides (JSON for non-strings), 1 OpenMP thread per process."""
+    configs = f"bundles/{bundle}/configs"
+    args = ["--config_file", f"['{configs}/train.json','{configs}/multi_gpu_train.json']",
+            "--bundle_root", f"bundles/{bundle}", "--logging_file", f"{configs}/logging.conf"]
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+           "monai.bundle", "run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 HIPPO_IMAGE = "hippocampus/imagesTr/hippocampus_004.nii.gz"

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow
+from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -211,16 +208,7 @@ def test_ddp_with_two_cpu_processes(lesion_data, tmp_path):
     out = tmp_path / "ddp"
     overrides = {"dataset_dir": str(lesion_data), "output_dir": str(out), "max_epochs": 1, "batch_size": 4,
                  "samples_per_volume": 4, "val_fraction": 0, **TINY, **TINY_METHOD}
-    args = ["--config_file", "['bundles/lecl_slice_embedding/configs/train.json',"
-            "'bundles/lecl_slice_embedding/configs/multi_gpu_train.json']",
-            "--bundle_root", "bundles/lecl_slice_embedding", "--logging_file",
-            "bundles/lecl_slice_embedding/configs/logging.conf"]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "monai.bundle", "run", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
+    proc = bundle_ddp("lecl_slice_embedding", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "models" / "model.pt").is_file()
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)

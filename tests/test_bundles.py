@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow, run_bundle
+from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow, run_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -256,14 +253,7 @@ def test_wrong_config_gives_one_clear_line(case, hippo, tmp_path):
 def test_ddp_with_two_cpu_processes(hippo, tmp_path):
     out = tmp_path / "ddp"
     overrides = _ssl_overrides("caid", hippo, out, max_epochs=1)
-    args = ["--config_file", "['bundles/caid/configs/train.json','bundles/caid/configs/multi_gpu_train.json']",
-            "--bundle_root", "bundles/caid", "--logging_file", "bundles/caid/configs/logging.conf"]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "monai.bundle", "run", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
+    proc = bundle_ddp("caid", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "models" / "model.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)

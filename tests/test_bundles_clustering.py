@@ -6,15 +6,13 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, bundle_workflow, run_bundle
+from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow, run_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -195,16 +193,7 @@ def test_pixel_run_before_cluster_gives_one_line(hippo, tmp_path):
 def test_patch_ddp_with_two_cpu_processes(hippo, tmp_path):
     """The decoder and head get no gradient in patch clustering: DDP must still run (find_unused_parameters)."""
     out = tmp_path / "ddp"
-    args = ["--config_file", "['bundles/patch_clustering/configs/train.json',"
-            "'bundles/patch_clustering/configs/multi_gpu_train.json']",
-            "--bundle_root", "bundles/patch_clustering",
-            "--logging_file", "bundles/patch_clustering/configs/logging.conf"]
-    for key, value in _overrides("patch_clustering", hippo, out, max_epochs=1).items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "monai.bundle", "run", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = bundle_ddp("patch_clustering", _overrides("patch_clustering", hippo, out, max_epochs=1))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "models" / "model.pt").is_file()
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
