@@ -217,9 +217,9 @@ def ixi_voxel_features(image_dir: Path, size: int) -> tuple[list[str], np.ndarra
     import torch.nn.functional as F
 
     from medvol.io.datalist import case_name
-    from medvol.methods.lecl import lecl_preprocessing
+    from medvol.transforms import slice_preset
 
-    pre = lecl_preprocessing("mri", keys=["image"])
+    pre = slice_preset("mri", keys=["image"])
     files = sorted(p for p in image_dir.iterdir() if p.name.endswith((".nii.gz", ".nii")))
     ids, feats = [], []
     for path in files:
@@ -404,7 +404,7 @@ def run_adrenal(args, out: Path) -> dict:
     nifti = out / "nifti"
     # binary shape masks {0, 255}: the CT preset with a 0..255 window maps them to {0, 1} (per-volume MRI
     # percentiles would not: some masks cover less than 0.5 % of the volume)
-    pre = ("$medvol.methods.lecl.lecl_preprocessing('ct', keys=['image'], windows=None, spacing=None, "
+    pre = ("$medvol.transforms.slice_preset('ct', keys=['image'], windows=None, spacing=None, "
            "window=(0.0, 255.0))")
     enc = encoder_overrides(args, args.adrenal_size, preprocessing=pre)
     res = {"settings": {"encoder": enc, "lecl_epochs": args.adrenal_epochs,

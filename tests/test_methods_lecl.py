@@ -15,9 +15,10 @@ from monai.transforms import EnsureTyped, SelectItemsd
 
 from medvol.engines import MomentumUpdateHandler, SeededDataset, SSLEvaluator, SSLTrainer, make_loader
 from medvol.errors import ConfigError
-from medvol.methods import LeCL, lecl_datalist, lecl_in_channels, lecl_preprocessing
+from medvol.io import lesion_datalist
+from medvol.methods import LeCL
 from medvol.networks import build_slice_encoder
-from medvol.transforms import LesionBoxesd, RandLesionSliceViewsd, lecl_view_augmentation
+from medvol.transforms import LesionBoxesd, RandLesionSliceViewsd, lecl_view_augmentation, slice_channels, slice_preset
 
 SIZE = 32
 TINY = {"dims": (8, 16), "depths": (1, 1)}
@@ -34,7 +35,7 @@ def _dataset(demo_dir, lesion_prob: float = 1.0) -> SeededDataset:
     nrrd = demo_dir / "nrrd"
     data = [{"image": str(nrrd / "breast1_image.nrrd"), "label": str(nrrd / "breast1_label.nrrd")}]
     data += [{"image": str(p)} for p in sorted((demo_dir / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:2]]
-    det = [lecl_preprocessing("mri", keys=["image", "label"]),
+    det = [slice_preset("mri", keys=["image", "label"]),
            LesionBoxesd("label", boxes_key="boxes", remove_mask=True, allow_missing_keys=True)]
     views = [RandLesionSliceViewsd("image", label_key=None, boxes_key="boxes", lesion_prob=lesion_prob,
                                    spatial_size=(SIZE, SIZE), allow_missing_keys=True),
@@ -163,39 +164,39 @@ def test_rejects_encoder_without_out_dim():
 
 
 def test_in_channels_and_preprocessing(demo_dir):
-    assert lecl_in_channels(1) == 3 and lecl_in_channels(0) == 1
-    assert lecl_in_channels(1, ["lung", "soft_tissue", "bone"]) == 9
+    assert slice_channels(1) == 3 and slice_channels(0) == 1
+    assert slice_channels(1, ["lung", "soft_tissue", "bone"]) == 9
     with pytest.raises(ConfigError, match="windows: unknown window 'lungs'"):
-        lecl_in_channels(1, ["lungs"])
+        slice_channels(1, ["lungs"])
     with pytest.raises(ConfigError, match="use preset 'ct'"):
-        lecl_preprocessing("mri", windows=["lung"])
+        slice_preset("mri", windows=["lung"])
     with pytest.raises(ConfigError, match="preset must be"):
-        lecl_preprocessing("pet")
+        slice_preset("pet")
     ct = str(demo_dir / "ct" / "example_ct_sm.nii.gz")
-    hu = lecl_preprocessing("ct", keys=["image"], windows=["lung", "bone"])({"image": ct})["image"]
-    unit = lecl_preprocessing("ct", keys=["image"])({"image": ct})["image"]
+    hu = slice_preset("ct", keys=["image"], windows=["lung", "bone"])({"image": ct})["image"]
+    unit = slice_preset("ct", keys=["image"])({"image": ct})["image"]
     assert float(hu.min()) < -500 and float(hu.max()) > 500  # HU kept for the window channels
     assert 0.0 <= float(unit.min()) and float(unit.max()) <= 1.0 and unit.shape == hu.shape
 
 
 def test_datalist_with_masks_and_boxes(demo_dir, tmp_path):
-    items = lecl_datalist(demo_dir / "nrrd" / "datalist.csv")
+    items = lesion_datalist(demo_dir / "nrrd" / "datalist.csv")
     assert items[0]["label"].endswith("breast1_label.nrrd") and items[0]["case_index"] == 0
-    folder = lecl_datalist(demo_dir / "hippocampus")
+    folder = lesion_datalist(demo_dir / "hippocampus")
     assert len(folder) == 20 and all("label" in d for d in folder)
     boxes = tmp_path / "boxes.csv"
     with open(boxes, "w", newline="") as f:
         csv.writer(f).writerows([["case", "slice", "x1", "y1", "x2", "y2"], ["hippocampus_004", 10, 5, 6, 15, 20],
                                  ["hippocampus_004", 12, 8, 8, 12, 12]])
-    with_boxes = lecl_datalist(demo_dir / "hippocampus", lesion_boxes_csv=boxes)
+    with_boxes = lesion_datalist(demo_dir / "hippocampus", lesion_boxes_csv=boxes)
     first = with_boxes[0]
     assert "label" not in first and first["boxes"].shape == (2, 6)
     np.testing.assert_array_equal(first["boxes"][0], [0, 10, 5, 6, 15, 20])
     assert all("boxes" not in d for d in with_boxes[1:])
-    assert len(lecl_datalist(demo_dir / "hippocampus", cases=["hippocampus_006"])) == 1
+    assert len(lesion_datalist(demo_dir / "hippocampus", cases=["hippocampus_006"])) == 1
     with pytest.raises(ConfigError, match="dataset_dir '.*nope' does not exist"):
-        lecl_datalist(tmp_path / "nope")
+        lesion_datalist(tmp_path / "nope")
     with open(boxes, "w", newline="") as f:
         csv.writer(f).writerows([["case", "slice", "x1", "y1", "x2", "y2"], ["someone_else", 1, 1, 1, 4, 4]])
     with pytest.raises(ConfigError, match="none of its cases"):
-        lecl_datalist(demo_dir / "hippocampus", lesion_boxes_csv=boxes)
+        lesion_datalist(demo_dir / "hippocampus", lesion_boxes_csv=boxes)

@@ -11,14 +11,13 @@ from monai.data import list_data_collate
 from monai.transforms import Compose, Orientationd, ScaleIntensityd
 
 from medvol.errors import DataError
-from medvol.io import LoadVolume, LoadVolumed
+from medvol.io import LoadVolume, LoadVolumed, load_lesion_boxes
 from medvol.transforms.lesion import (
     LesionBoxesd,
     RandLesionSliceViewsd,
     RandSolarize,
     lecl_view_augmentation,
     lesion_boxes_from_mask,
-    load_lesion_boxes,
 )
 from medvol.transforms.slices import fit_box
 

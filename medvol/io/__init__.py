@@ -7,10 +7,16 @@ from medvol.io.datalist import (
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_msd,
+    filter_cases,
     find_volumes,
+    image_datalist,
+    labeled_datalist,
     load_datalist,
+    open_datalist,
+    with_case_index,
 )
 from medvol.io.dicom import is_dicom_dir, is_dicom_file, list_series, read_dicom_series, split_series_ref
+from medvol.io.lesion_boxes import lesion_datalist, load_lesion_boxes
 from medvol.io.manifest import MANIFEST_COLUMNS, STATUSES, Manifest, read_manifest
 from medvol.io.readers import (
     ITK_SUFFIXES,
@@ -22,3 +28,4 @@ from medvol.io.readers import (
     is_volume_path,
     volume_suffix,
 )
+from medvol.io.splits import load_split, select_labeled, split_datalist

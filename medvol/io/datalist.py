@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from medvol.errors import DataError
+from medvol.errors import ConfigError, DataError, MedvolError
 from medvol.io.dicom import DICOM_SUFFIXES, is_dicom_dir, is_dicom_file, list_series
 from medvol.io.readers import volume_suffix
 
@@ -33,6 +33,11 @@ __all__ = [
     "datalist_from_msd",
     "datalist_from_csv",
     "load_datalist",
+    "open_datalist",
+    "image_datalist",
+    "labeled_datalist",
+    "filter_cases",
+    "with_case_index",
     "IMAGE_LABEL_DIRS",
 ]
 
@@ -222,3 +227,74 @@ def load_datalist(source: str | os.PathLike, **kwargs) -> list[dict]:
     if path.suffix.lower() == ".csv":
         return datalist_from_csv(path, **kwargs)
     raise DataError(path, "expected a folder, an MSD dataset.json or a .csv datalist")
+
+
+# ------------------------------------------------------------------ datalists named by a config key (bundles)
+
+
+def open_datalist(source, name: str = "dataset_dir", allow_unlabeled: bool = False) -> list[dict]:
+    """:func:`load_datalist` for a config key: errors become one-line ConfigErrors that name the key.
+
+    Args:
+        source: the dataset folder or datalist file (``None`` / ``""`` is "not set").
+        name: config key reported in errors.
+        allow_unlabeled: for a folder, keep images without a label (ignored for json/csv sources).
+
+    Raises:
+        ConfigError: the key is not set, the path does not exist, or the datalist is invalid.
+    """
+    if source is None or str(source).strip() in ("", "None"):
+        raise ConfigError(f"{name} is not set: pass --{name} FOLDER")
+    path = Path(str(source))
+    if not path.exists():
+        raise ConfigError(f"{name} '{source}' does not exist")
+    kwargs = {"allow_unlabeled": True} if allow_unlabeled and path.is_dir() else {}
+    try:
+        return load_datalist(path, **kwargs)
+    except MedvolError as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+def filter_cases(datalist: list[dict], cases, name: str = "dataset_dir") -> list[dict]:
+    """The items of ``datalist`` whose case names are ``cases``, in that order (``None`` keeps all).
+
+    Raises:
+        ConfigError: when a case of ``cases`` is not in the datalist (the count and an example are named).
+    """
+    if cases is None:
+        return list(datalist)
+    by_case = {case_name(d["image"]): d for d in datalist}
+    missing = [c for c in cases if c not in by_case]
+    if missing:
+        raise ConfigError(f"{name}: {len(missing)} cases of the split are not in the dataset, e.g. {missing[0]}")
+    return [by_case[c] for c in cases]
+
+
+def with_case_index(datalist: list[dict]) -> list[dict]:
+    """Add ``case_index`` (position in the datalist) so crops of one volume can be told apart in a batch."""
+    return [{**d, "case_index": i} for i, d in enumerate(datalist)]
+
+
+def image_datalist(source, name: str = "dataset_dir", cases=None) -> list[dict]:
+    """Images of a folder / MSD json / CSV for self-supervised training (labels dropped), with ``case_index``.
+
+    Args:
+        source: the dataset folder or datalist file.
+        name: config key reported in errors.
+        cases: optional list of case names to keep (e.g. the pretraining part of a fixed split).
+    """
+    datalist = [{"image": d["image"]} for d in open_datalist(source, name, allow_unlabeled=True)]
+    return with_case_index(filter_cases(datalist, cases, name))
+
+
+def labeled_datalist(source, name: str = "dataset_dir", cases=None) -> list[dict]:
+    """Image/label pairs (every image must have a label) for supervised training or evaluation.
+
+    Raises:
+        ConfigError: when an image has no label, or as :func:`open_datalist` / :func:`filter_cases`.
+    """
+    datalist = open_datalist(source, name)
+    unlabeled = [d["image"] for d in datalist if "label" not in d]
+    if unlabeled:
+        raise ConfigError(f"{name}: {len(unlabeled)} images have no label, e.g. {unlabeled[0]}")
+    return filter_cases(datalist, cases, name)

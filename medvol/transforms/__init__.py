@@ -8,12 +8,18 @@ from medvol.transforms.lesion import (
     RandSolarized,
     lecl_view_augmentation,
     lesion_boxes_from_mask,
-    load_lesion_boxes,
 )
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
-from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset
+from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset, slice_preset
 from medvol.transforms.save import SaveEmbeddingd
-from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
+from medvol.transforms.slices import (
+    CT_WINDOWS,
+    RandSlice25D,
+    RandSlice25Dd,
+    VolumeToSlices,
+    VolumeToSlicesd,
+    slice_channels,
+)
 from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinite, EnsureFinited, source_of
 from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd, box_iou, overlap_in_views

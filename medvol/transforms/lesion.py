@@ -3,7 +3,7 @@
 CLEAR (KatherLab/CLEAR, "lesion-enhanced contrastive learning") pairs, for a slice with a lesion, a crop around
 the lesion with the whole slice; other slices give two random-resized crops. This module does the same on 3D
 volumes: lesions come from a label mask (connected components, :func:`lesion_boxes_from_mask`) or from a CSV of
-boxes (DeepLesion style, :func:`load_lesion_boxes`); the crop is centred on the lesion *box centre* plus a
+boxes (DeepLesion style, :func:`medvol.io.load_lesion_boxes`); the crop is centred on the lesion *box centre* plus a
 bounded jitter (CLEAR's code centres it on the box corner ``(x1, y2)``, which we do not reproduce).
 
 Lesion boxes are float arrays ``(n, 6)``: ``[lesion_id, slice, x0, y0, x1, y1]``, in slice voxel coordinates
@@ -13,11 +13,8 @@ Rows sharing ``lesion_id`` are the cross-sections of one lesion.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
-import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +36,6 @@ from monai.transforms import (
 from monai.utils import TransformBackends
 from scipy import ndimage
 
-from medvol.errors import DataError
 from medvol.transforms.slices import (
     _as_volume,
     _check_int,
@@ -53,7 +49,6 @@ from medvol.transforms.slices import (
 
 __all__ = [
     "lesion_boxes_from_mask",
-    "load_lesion_boxes",
     "LesionBoxesd",
     "RandLesionSliceViewsd",
     "RandSolarize",
@@ -92,62 +87,6 @@ def lesion_boxes_from_mask(mask, axis: int = 2, min_voxels: int = 1) -> np.ndarr
                 rows.append([lesion_id, start[axis] + k, ox + xs[0], oy + ys[0], ox + xs[-1] + 1, oy + ys[-1] + 1])
         lesion_id += 1
     return np.asarray(rows, dtype=np.float64).reshape(-1, 6)
-
-
-def load_lesion_boxes(csv_path: str | os.PathLike, case_column: str = "case", slice_column: str = "slice",
-                      box_columns: str | Sequence[str] = ("x1", "y1", "x2", "y2"), slice_base: int = 0,
-                      transpose_xy: bool = False, case_fn: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
-    """Read lesion boxes from a CSV into one ``(n, 6)`` array per case (each row = one lesion).
-
-    Args:
-        csv_path: CSV file with a header row.
-        case_column: column naming the volume (e.g. its file name).
-        slice_column: column with the slice index along the sliced axis.
-        box_columns: four columns ``x1, y1, x2, y2``, or one column holding the four numbers
-            (DeepLesion's ``Bounding_boxes``: ``"x1, y1, x2, y2"``).
-        slice_base: index of the first slice in the CSV (1 for 1-based indices).
-        transpose_xy: swap x and y (the CSV's x is the column of a row-major image, our x the first array axis).
-        case_fn: maps the case cell to the dictionary key (e.g. strip a folder); ``None`` keeps it.
-
-    Returns:
-        ``{case: array (n, 6)}`` with rows ``[lesion_id, slice, x0, y0, x1, y1]``.
-
-    Raises:
-        DataError: unreadable file, missing columns, a non-numeric value or an empty box (names file and row).
-
-    Example:
-        >>> boxes = load_lesion_boxes("DL_info.csv", case_column="File_name", slice_column="Key_slice_index",
-        ...                           box_columns="Bounding_boxes")  # doctest: +SKIP
-    """
-    path = os.fspath(csv_path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(path, f"cannot read the lesion box CSV ({e})") from e
-    cols = [box_columns] if isinstance(box_columns, str) else list(box_columns)
-    if len(cols) not in (1, 4):
-        raise ValueError(f"box_columns must be one column name or four, got {box_columns!r}.")
-    missing = [c for c in (case_column, slice_column, *cols) if c not in header]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'no rows'}")
-    out: dict[str, list] = {}
-    for line, row in enumerate(rows, start=2):
-        try:
-            cells = re.split(r"[,;\s]+", row[cols[0]].strip()) if len(cols) == 1 else [row[c] for c in cols]
-            x0, y0, x1, y1 = (float(v) for v in cells)
-            z = int(float(row[slice_column])) - slice_base
-        except (AttributeError, TypeError, ValueError) as e:
-            raise DataError(path, f"row {line}: expected a slice index and four box numbers ({e})") from e
-        if transpose_xy:
-            x0, y0, x1, y1 = y0, x0, y1, x1
-        if not (x1 > x0 and y1 > y0) or z < 0:
-            raise DataError(path, f"row {line}: empty box {[x0, y0, x1, y1]} or negative slice {z}")
-        case = row[case_column] if case_fn is None else case_fn(row[case_column])
-        lesions = out.setdefault(case, [])
-        lesions.append([len(lesions), z, x0, y0, x1, y1])  # each row is its own lesion
-    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
 
 class LesionBoxesd(MapTransform):

@@ -27,11 +27,13 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
+from medvol.errors import ConfigError
 from medvol.io.readers import LoadVolumed
+from medvol.transforms.slices import slice_channels
 from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinited
 
-__all__ = ["ForegroundThreshold", "ct_preset", "mri_preset", "get_preset", "PRESETS"]
+__all__ = ["ForegroundThreshold", "ct_preset", "mri_preset", "get_preset", "slice_preset", "PRESETS"]
 
 
 class ForegroundThreshold:
@@ -173,3 +175,48 @@ def get_preset(name: str, **kwargs) -> Compose:
         return PRESETS[name.lower()](**kwargs)
     except KeyError:
         raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}") from None
+
+
+def slice_preset(preset: str = "mri", keys: Sequence[str] = ("image", "label"), windows=None,
+                       spacing: Sequence[float] | None = None, orientation: str = "RAS", **preset_kwargs) -> Compose:
+    """Volume preprocessing before 2.5D slicing: load, check, orient (RAS), optionally resample, normalise.
+
+    Without ``windows`` this is the CT or MRI preset without foreground crop or padding (CT: HU window to
+    [0, 1]; MRI: per-volume percentiles to [0, 1]). With ``windows`` (CT only) intensities stay in HU, because
+    the slicing transforms render each window as its own [0, 1] channel.
+
+    Args:
+        preset: ``"ct"`` or ``"mri"``.
+        keys: image key first, then label keys (missing labels are skipped).
+        windows: CT windows rendered later by the slicing transforms (``None``: the preset normalises).
+        spacing: target voxel size (mm); ``None`` keeps the native grid (slice positions stay source slices).
+        orientation: axis codes; the default RAS makes axis 2 the axial axis.
+        preset_kwargs: more arguments of the preset (``window``, ``percentiles``, ``n4``, ...).
+
+    Raises:
+        ConfigError: for an unknown preset, or windows with the MRI preset.
+    """
+    name = str(preset).lower()
+    if name not in ("ct", "mri"):
+        raise ConfigError(f"preset must be 'ct' or 'mri', got {preset!r}")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if windows is None:
+        try:
+            return get_preset(name, keys=keys, spacing=spacing, crop_foreground=False, orientation=orientation,
+                              **preset_kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"preset {name}: {e}") from None
+    if name != "ct":
+        raise ConfigError(f"windows are CT Hounsfield windows: use preset 'ct' or windows null (got preset {preset!r})")
+    slice_channels(0, windows)  # validate
+    image, labels = keys[0], keys[1:]
+    steps = [LoadVolumed(keys, dtype=[np.float32] + [None] * len(labels), allow_missing_keys=True),
+             EnsureFinited(image)]
+    if labels:
+        steps.append(CheckAlignedd(labels, reference_key=image))
+    if orientation:
+        steps.append(Orientationd(keys, axcodes=orientation, labels=None, allow_missing_keys=True))
+    if spacing is not None:
+        steps.append(KeySafeSpacingd(keys, pixdim=spacing, mode=["bilinear"] + ["nearest"] * len(labels),
+                              allow_missing_keys=True))
+    return Compose(steps)

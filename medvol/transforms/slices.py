@@ -32,6 +32,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends
 
+from medvol.errors import ConfigError
+
 __all__ = [
     "CT_WINDOWS",
     "check_windows",
@@ -374,3 +376,18 @@ class RandSlice25Dd(Randomizable, MapTransform):
             d[key] = self.label_slicer(lab, [z])[0]
         d[self.slice_index_key] = torch.tensor(z)
         return d
+
+
+def slice_channels(context: int = 1, windows=None, image_channels: int = 1) -> int:
+    """Channels of a 2.5D sample: ``len(windows) * image_channels * (2 * context + 1)`` (no windows counts 1).
+
+    Raises:
+        ConfigError: for a negative ``context`` or invalid ``windows`` (the message names the value).
+    """
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ConfigError(f"context must be an integer >= 0 (neighbour slices on each side), got {context!r}")
+    try:
+        wins = check_windows(windows)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"windows: {e}") from None
+    return (len(wins) if wins else 1) * int(image_channels) * (2 * int(context) + 1)
