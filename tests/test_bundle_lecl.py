@@ -17,8 +17,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from medvol.apps.cli import main
-from medvol.apps.embed import file_sha256
 from medvol.io import LoadVolume
+from medvol.io.bags import file_sha256
 from medvol.mil import read_bag
 
 BUNDLE = BUNDLES_DIR / "lecl_slice_embedding"

@@ -20,8 +20,8 @@ from conftest import BAD_INPUTS, BUNDLES_DIR, REPO_ROOT, copy_hippo, make_bad_in
 from monai.bundle import ConfigParser
 
 from medvol.apps.cli import main
-from medvol.apps.embed import file_sha256
 from medvol.io import LoadVolume
+from medvol.io.bags import file_sha256
 from medvol.mil import read_bag
 
 BUNDLE = BUNDLES_DIR / "lecl_slice_embedding"

@@ -21,13 +21,6 @@ class UsageError(ConfigError):
     """A command-line problem: reported as ``medvol CMD: error: ...`` with exit code 2."""
 
 
-def _triplet(kind):
-    def parse(values):
-        return tuple(kind(v) for v in values)
-
-    return parse
-
-
 def _add_preprocess(sub):
     p = sub.add_parser(
         "preprocess",
@@ -69,8 +62,8 @@ def _check_io_folders(input_path: Path, output: Path) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from medvol.apps.batch import run_batch
     from medvol.apps.preprocess import PreprocessProcessor, build_jobs
+    from medvol.engines.batch import run_batch
     from medvol.io.datalist import load_datalist
 
     _check_io_folders(args.input, args.output)
@@ -100,7 +93,7 @@ def cmd_preprocess(args) -> int:
     result = run_batch(jobs, PreprocessProcessor(args.preset, **kwargs), args.output / "manifest.csv",
                        workers=args.workers, overwrite=args.overwrite, desc=f"preprocess ({args.preset})")
     counts = result.counts
-    from medvol.apps.batch import dist_context
+    from medvol.engines.batch import dist_context
 
     if dist_context()[0] == 0:
         print(f"{sum(counts.values())} volumes: {counts['ok']} ok, {counts['skipped']} skipped, "
@@ -177,8 +170,8 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def cmd_embed(args) -> int:
     import os
 
-    from medvol.apps.batch import dist_context, run_batch
-    from medvol.apps.embed import EmbedProcessor, build_embed_jobs, default_checkpoint
+    from medvol.engines.batch import dist_context, run_batch
+    from medvol.engines.embedding import EmbedProcessor, build_embed_jobs, default_checkpoint
     from medvol.io.datalist import load_datalist
     from medvol.io.manifest import read_manifest
 
@@ -279,7 +272,7 @@ def _add_demo(sub):
 def cmd_demo(args) -> int:
     from medvol.apps.demo import run_demo
 
-    return run_demo(args.output, args.data, train=not args.no_train)
+    return run_demo(args.output, args.data, train=not args.no_train, command=main)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,9 +48,7 @@ def _bundle(name: str, config: str, **overrides):
     wf.finalize()
 
 
-def _preprocess_all(data: Path, output: Path) -> int:
-    from medvol.apps.cli import main
-
+def _preprocess_all(data: Path, output: Path, main) -> int:
     steps = [
         ("hippocampus MRI (labels follow images)", [str(data / "hippocampus"), "--preset", "mri"]),
         ("abdominal CT, resampled to 3 mm", [str(data / "ct"), "--preset", "ct", "--spacing", "3", "3", "3"]),
@@ -87,14 +85,20 @@ def _pretrain_and_finetune(data: Path, output: Path) -> dict:
     return results
 
 
-def run_demo(output: Path, data: Path | None = None, train: bool = True) -> int:
-    """Run the demo; returns the worst exit code of the preprocessing steps (0 when everything succeeded)."""
+def run_demo(output: Path, data: Path | None = None, train: bool = True, command=None) -> int:
+    """Run the demo; returns the worst exit code of the preprocessing steps (0 when everything succeeded).
+
+    ``command`` runs a ``medvol`` command line (``medvol.apps.cli.main``, passed in by the CLI so that this
+    module does not import the module that imports it).
+    """
+    if command is None:
+        raise ConfigError("run_demo needs command=medvol.apps.cli.main (run it as `medvol demo`)")
     data = Path(data) if data is not None else default_demo_data()
     if not (data / "hippocampus").is_dir():
         raise ConfigError(f"demo data not found in {data}: pass --data DEMO_DATA_DIR (the repository's demo_data)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    worst = _preprocess_all(data, output)
+    worst = _preprocess_all(data, output, command)
     if train:
         dice = _pretrain_and_finetune(data, output)
         print("\nmean Dice (anterior + posterior) on the held-out demo volumes, 2 labeled training volumes:")

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvol.apps.batch import Job
+from medvol.engines.batch import Job
 from medvol.io.atomic import save_nifti
 from medvol.io.datalist import case_name
 from medvol.io.dicom import split_series_ref

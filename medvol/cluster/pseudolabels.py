@@ -8,7 +8,7 @@
 2. **Fit** :class:`KMeans` once on that sample (seeded) and save it to ``kmeans.npz`` with its
    ``feature_source``; a resumed run loads it instead (never a per-batch refit, unlike radioSSL's code).
 3. **Assign** every voxel of every volume to its nearest centroid and write ``<case>.nii.gz`` (uint8, the grid
-   and affine of the preprocessed image, atomic) through :func:`medvol.apps.batch.run_batch`: ``manifest.csv``
+   and affine of the preprocessed image, atomic) through :func:`medvol.engines.batch.run_batch`: ``manifest.csv``
    has one row per volume (ok / failed with the file named / skipped on resume).
 
 Then a montage of a few volumes goes to ``output_dir/cluster_montage.png`` (and TensorBoard). Training reads the
@@ -176,7 +176,7 @@ def build_pseudolabels(datalist: Sequence[dict], preprocessing, teacher, output_
     Raises:
         ConfigError: empty datalist, too few foreground voxels, or saved centroids of another k / teacher.
     """
-    from medvol.apps.batch import Job, run_batch
+    from medvol.engines.batch import Job, run_batch
     from medvol.io.atomic import atomic_write_text
     from medvol.io.datalist import case_name
 

@@ -2,6 +2,7 @@
 
 from medvol.engines import config
 from medvol.engines.data import SeededDataset, SeededSampler, make_loader, sample_seed
+from medvol.engines.embedding import SliceStackInferer, embed_stack
 from medvol.engines.handlers import (
     EpochHookHandler,
     ModelSaver,

@@ -1,6 +1,7 @@
 """medvol.io: datalists, volume readers (NIfTI, MetaImage, NRRD, DICOM series), atomic writers, manifests."""
 
 from medvol.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_stale_temps, save_nifti
+from medvol.io.bags import Bag, bag_filename, file_sha256, find_bags, read_bag, write_bag, write_slice_bag
 from medvol.io.datalist import (
     IMAGE_LABEL_DIRS,
     case_name,

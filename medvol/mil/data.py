@@ -1,153 +1,24 @@
-"""Bags of slice embeddings: the HDF5 format, a dataset joining bags with targets, and padding collation.
+"""Bags of slice embeddings for MIL: a dataset joining bags with targets, and padding collation.
 
-One HDF5 file per volume, ``<case>.h5``, written by ``medvol embed`` (or :func:`write_bag`):
-
-- dataset ``feats``: float32 (n_slices, D), one embedding per slice;
-- dataset ``slice_index``: int64 (n_slices,), the slice positions along ``axis`` of the volume as
-  :class:`medvol.io.LoadVolume` returns it (channel removed);
-- attributes ``source`` (str, the volume path), ``spacing`` (3 floats), ``checkpoint_sha256`` (str), ``axis`` (int).
-
-The case id is the file stem, or the first group of ``id_regex`` matched against the stem (e.g. ``"^(.*)_T1$"``
-turns ``IXI012-HH-1211_T1.h5`` into ``IXI012-HH-1211``). Every instance of a bag stays with its case.
+The HDF5 bag format (one file per volume, written by ``medvol embed``) and its reader/writer live in
+:mod:`medvol.io.bags`; they are re-exported here (``medvol.mil.read_bag``, ...) for MIL users.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from medvol.errors import DataError
-from medvol.io.atomic import atomic_path
+from medvol.io.bags import Bag, bag_case_id, find_bags, read_bag, write_bag
 
 __all__ = ["Bag", "write_bag", "read_bag", "find_bags", "bag_case_id", "BagDataset", "collate_bags", "feature_stats"]
-
-BAG_SUFFIXES = (".h5", ".hdf5")
-
-
-@dataclass
-class Bag:
-    """One volume's bag; ``feats`` is ``None`` when read with ``load_features=False``."""
-
-    case_id: str
-    path: str
-    n_slices: int
-    dim: int
-    slice_index: np.ndarray
-    feats: np.ndarray | None = None
-    source: str = ""
-    spacing: tuple[float, ...] = ()
-    checkpoint_sha256: str = ""
-    axis: int = -1
-
-
-def write_bag(
-    path: str | os.PathLike,
-    feats: np.ndarray,
-    slice_index: np.ndarray | None = None,
-    source: str = "",
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    checkpoint_sha256: str = "",
-    axis: int = 2,
-) -> Path:
-    """Write one bag atomically in the format above; ``slice_index`` ``None`` means ``0..n_slices-1``.
-
-    Raises:
-        ValueError: if ``feats`` is not a non-empty 2-D array or ``slice_index`` does not match it.
-    """
-    feats = np.asarray(feats, dtype=np.float32)
-    if feats.ndim != 2 or feats.shape[0] == 0:
-        raise ValueError(f"feats must be (n_slices >= 1, D), got shape {feats.shape}")
-    index = np.arange(len(feats)) if slice_index is None else np.asarray(slice_index)
-    index = index.astype(np.int64)
-    if index.shape != (len(feats),):
-        raise ValueError(f"slice_index must be ({len(feats)},), got shape {index.shape}")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("feats", data=feats)
-            f.create_dataset("slice_index", data=index)
-            f.attrs["source"] = str(source)
-            f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
-            f.attrs["checkpoint_sha256"] = str(checkpoint_sha256)
-            f.attrs["axis"] = int(axis)
-    return path
-
-
-def bag_case_id(path: str | os.PathLike, id_regex: str | None = None) -> str:
-    """The case id of a bag file: its stem, or the first group of ``id_regex`` when the stem matches it."""
-    stem = Path(path).name
-    for suffix in BAG_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    if id_regex:
-        match = re.search(id_regex, stem)
-        if match:
-            return match.group(1) if match.groups() else match.group(0)
-    return stem
-
-
-def _attr(f: h5py.File, name: str, default):
-    value = f.attrs.get(name, default)
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def read_bag(path: str | os.PathLike, load_features: bool = True, id_regex: str | None = None) -> Bag:
-    """Read (and check) one bag file.
-
-    Raises:
-        DataError: naming the file, when it is not HDF5, lacks ``feats``, has a non-2-D or empty ``feats``, a
-            ``slice_index`` of another length, or non-finite features.
-    """
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            if "feats" not in f:
-                raise DataError(path, f"no 'feats' dataset (found {sorted(f.keys())})")
-            ds = f["feats"]
-            if ds.ndim != 2 or ds.shape[0] == 0 or ds.shape[1] == 0:
-                raise DataError(path, f"'feats' must be (n_slices >= 1, D >= 1), got shape {ds.shape}")
-            n, dim = (int(s) for s in ds.shape)
-            index = np.asarray(f["slice_index"][()], dtype=np.int64) if "slice_index" in f else np.arange(n)
-            if index.shape != (n,):
-                raise DataError(path, f"'slice_index' has shape {index.shape} but 'feats' has {n} slices")
-            feats = np.asarray(ds[()], dtype=np.float32) if load_features else None
-            spacing = tuple(float(s) for s in np.atleast_1d(_attr(f, "spacing", ())))
-            bag = Bag(bag_case_id(path, id_regex), str(path), n, dim, index, feats, str(_attr(f, "source", "")),
-                      spacing, str(_attr(f, "checkpoint_sha256", "")), int(_attr(f, "axis", -1)))
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DataError(path, f"not a readable HDF5 bag ({' '.join(str(e).split()) or type(e).__name__})") from e
-    if feats is not None and not np.isfinite(feats).all():
-        raise DataError(path, f"'feats' has {int((~np.isfinite(feats)).sum())} non-finite values")
-    return bag
-
-
-def find_bags(dataset_dir: str | os.PathLike) -> list[Path]:
-    """Sorted bag files (``*.h5``, ``*.hdf5``) directly in ``dataset_dir``.
-
-    Raises:
-        DataError: if the folder does not exist or holds no bag file.
-    """
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise DataError(root, "embeddings folder not found")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(BAG_SUFFIXES)
-                   and not p.name.startswith("."))
-    if not paths:
-        raise DataError(root, f"no bag files ({', '.join(BAG_SUFFIXES)}) in the folder")
-    return paths
-
 
 def _examples(ids: Sequence[str], k: int = 5) -> str:
     return ", ".join(list(ids)[:k]) + (", ..." if len(ids) > k else "")

@@ -11,7 +11,7 @@ from medvol.transforms.lesion import (
 )
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset, slice_preset
-from medvol.transforms.save import SaveEmbeddingd
+from medvol.transforms.save import RecordSourceGridd, SaveBagd, SaveEmbeddingd
 from medvol.transforms.slices import (
     CT_WINDOWS,
     RandSlice25D,
