@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvol-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-monailabel lint clean
+.PHONY: setup demo test test-fast test-monailabel lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The unit tests that train nothing (no bundle runs, no training loops): about half a minute on 2 cores.
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The real MONAI Label (0.8.5) in its own environment (.venv-monailabel, CUDA torch + torchvision, ~5 GB):
 # not part of `make test` / CI; see docs/monailabel.md.
