@@ -39,11 +39,15 @@ def install_error_hook() -> bool:
     return True
 
 
+def _given(path, name: str, kind: str) -> Path:
+    if path is None or str(path).strip() in ("", "None"):
+        raise ConfigError(f"{name} is not set: pass --{name} {kind}")
+    return Path(path)
+
+
 def require_dir(path, name: str = "dataset_dir") -> Path:
     """``path`` as a Path, or a ConfigError naming the config key when it is missing or not a folder."""
-    if path is None or str(path).strip() in ("", "None"):
-        raise ConfigError(f"{name} is not set: pass --{name} FOLDER")
-    p = Path(path)
+    p = _given(path, name, "FOLDER")
     if not p.exists():
         raise ConfigError(f"{name} '{path}' does not exist")
     if not p.is_dir():
@@ -53,9 +57,7 @@ def require_dir(path, name: str = "dataset_dir") -> Path:
 
 def require_file(path, name: str = "ckpt_path") -> Path:
     """``path`` as a Path, or a ConfigError naming the config key when the file is missing."""
-    if path is None or str(path).strip() in ("", "None"):
-        raise ConfigError(f"{name} is not set: pass --{name} FILE")
-    p = Path(path)
+    p = _given(path, name, "FILE")
     if not p.is_file():
         raise ConfigError(f"{name} '{path}' does not exist (train first, or pass --{name})")
     return p
