@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -40,14 +41,48 @@ def test_folder_pairs_images_and_labels(demo_dir):
         assert item["image"].replace("imagesTr", "labelsTr") == item["label"]
 
 
-def test_plain_folder_lists_every_format(demo_dir):
-    datalist = load_datalist(demo_dir)  # no imagesTr at the top: every volume is an image
+def test_parent_folder_lists_every_format_and_never_a_label_map_as_image(demo_dir, caplog):
+    # demo_data has no imagesTr at the top: 45 volumes below it, 21 of them label maps (issue: a parent
+    # folder used to train on label maps as images)
+    with caplog.at_level(logging.INFO, logger="medvol.io.datalist"):
+        datalist = load_datalist(demo_dir)
     images = [d["image"] for d in datalist]
+    assert len(find_volumes(demo_dir)) == 45 and len(datalist) == 24
     assert str(demo_dir / "dicom" / "hippocampus_study1") in images
-    assert str(demo_dir / "nrrd" / "breast1_image.nrrd") in images
     assert str(demo_dir / "ct" / "example_ct_sm.nii.gz") in images
-    assert all("label" not in d for d in datalist)
+    assert not any("labelsTr" in i or "_label" in i for i in images)
     assert not any(i.endswith(("LICENSE", ".csv", ".md")) for i in images)
+    by_image = {d["image"]: d.get("label") for d in datalist}
+    # the nested MSD layout is paired inside, the NRRD label paired with its image by base name
+    hippo = str(demo_dir / "hippocampus" / "imagesTr" / "hippocampus_004.nii.gz")
+    assert by_image[hippo] == hippo.replace("imagesTr", "labelsTr")
+    assert by_image[str(demo_dir / "nrrd" / "breast1_image.nrrd")] == str(demo_dir / "nrrd" / "breast1_label.nrrd")
+    assert sum(label is not None for label in by_image.values()) == 21
+    assert f"{demo_dir}: 24 images, 21 with a label" in caplog.text
+
+
+@pytest.mark.parametrize("label_path", ["ct_seg.nii.gz", "segmentations/liver.nii.gz", "masks/ct.nii.gz",
+                                        "labels/ct.nii.gz", "aorta_label.nii.gz", "ct-mask.nii.gz"])
+def test_label_maps_by_folder_or_name_are_not_images(demo_dir, tmp_path, caplog, label_path):
+    src = demo_dir / "ct" / "example_ct_sm.nii.gz"
+    shutil.copy(src, tmp_path / "ct.nii.gz")
+    (tmp_path / label_path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, tmp_path / label_path)
+    with caplog.at_level(logging.INFO, logger="medvol.io.datalist"):
+        datalist = datalist_from_folder(tmp_path)
+    assert [d["image"] for d in datalist] == [str(tmp_path / "ct.nii.gz")]
+    paired = datalist[0].get("label")
+    if label_path in ("ct_seg.nii.gz", "ct-mask.nii.gz", "masks/ct.nii.gz", "labels/ct.nii.gz"):
+        # same base name as the image (after the label token): paired
+        assert paired == str(tmp_path / label_path)
+    else:  # another base name: left out, and said so
+        assert paired is None and "1 label maps left out" in caplog.text
+
+
+def test_folder_of_only_label_maps_is_an_error(demo_dir, tmp_path):
+    shutil.copy(demo_dir / "ct" / "example_ct_sm.nii.gz", tmp_path / "liver_seg.nii.gz")
+    with pytest.raises(DataError, match="all 1 volumes look like label maps"):
+        datalist_from_folder(tmp_path)
 
 
 def test_unpaired_label_names_both_files(demo_dir, tmp_path):

@@ -117,6 +117,16 @@ def test_nan_voxels(demo_dir):
     assert float(fixed[0, 1, 2, 3]) == 0.0 and torch.isfinite(fixed).all()
 
 
+def test_constant_volume_is_refused_with_its_file_name(demo_dir, tmp_path):
+    img = LoadVolume()(demo_dir / HIPPO_IMG)
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(img.shape[1:], 7.0, np.float32), np.eye(4)), blank)
+    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; find_error unwraps (as the CLI does)
+        mri_preset(keys=["image"])({"image": str(blank)})
+    assert "blank.nii.gz: constant volume (every voxel is 7)" in str(find_error(info.value, DataError))
+    assert mri_preset(keys=["image"])({"image": str(demo_dir / HIPPO_IMG)})["image"].std() > 0
+
+
 def test_argument_errors():
     with pytest.raises(ValueError, match="unknown preset 'pet'"):
         get_preset("pet")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "case_name",
     "find_volumes",
     "datalist_from_folder",
+    "is_label_path",
     "datalist_from_msd",
     "datalist_from_csv",
     "load_datalist",
@@ -40,6 +42,8 @@ __all__ = [
     "with_case_index",
     "IMAGE_LABEL_DIRS",
 ]
+
+logger = logging.getLogger(__name__)
 
 # (images sub-folder, labels sub-folder) layouts recognised by datalist_from_folder, in priority order
 IMAGE_LABEL_DIRS = (("imagesTr", "labelsTr"), ("images", "labels"), ("imagesTs", "labelsTs"))
@@ -111,19 +115,53 @@ def _pair(images: list[str], labels: list[str], image_dir: Path, allow_unlabeled
     return datalist
 
 
+# Label maps found while walking a folder without an images/labels layout: a folder named like a label folder
+# anywhere on the path (MSD / nnU-Net labelsTr, labels*, segmentations, masks, gt), or a file whose case name
+# has a label token (TotalSegmentator's example_seg, aorta_label, *_mask, *_gt).
+LABEL_DIR = re.compile(r"^(labels\w*|segmentations?|masks?|seg|gt|ground[_-]?truth)$", re.IGNORECASE)
+LABEL_NAME = re.compile(r"(^|[_.-])(seg|segmentation|label|labels|mask|masks|gt)([_.-]|$)", re.IGNORECASE)
+_IMAGE_TOKEN = re.compile(r"[_.-](image|img|ct|mr|mri|t1|t2)$", re.IGNORECASE)
+
+
+def is_label_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> bool:
+    """True for a volume that looks like a label map: in a label folder (below ``root``) or named like one."""
+    path = Path(str(path).split("#", 1)[0])
+    parts = path.relative_to(root).parts[:-1] if root is not None and path.is_relative_to(root) else path.parts[:-1]
+    return any(LABEL_DIR.match(part) for part in parts) or bool(LABEL_NAME.search(case_name(path)))
+
+
+def _label_base(name: str) -> str:
+    """Case name of the image a label map belongs to: the label token removed (``breast1_label`` -> ``breast1``)."""
+    return LABEL_NAME.sub(lambda m: m.group(1) if m.group(3) else "", name).strip("_.-")
+
+
+def _layout_roots(root: Path) -> list[Path]:
+    """Folders below ``root`` (not ``root`` itself) that hold an images/labels layout, outermost first."""
+    found = []
+    for image_sub, _ in IMAGE_LABEL_DIRS:
+        for d in sorted(root.rglob(image_sub)):
+            if d.is_dir() and not any(part.startswith(".") for part in d.relative_to(root).parts):
+                found.append(d.parent)
+    return sorted(set(found), key=lambda d: (len(d.parts), str(d)))
+
+
 def datalist_from_folder(root: str | os.PathLike, allow_unlabeled: bool = False) -> list[dict]:
     """Datalist of every volume below ``root``; images and labels paired when an images/labels layout exists.
 
+    Discovery: an images/labels layout at ``root`` (``imagesTr``/``labelsTr``, ...) pairs images with labels by
+    case name. Without one, sub-folders that hold such a layout are paired the same way (unlabeled images
+    kept), and every other volume is an image *unless it looks like a label map* (:func:`is_label_path`: a
+    label folder on its path, or a label token in its name such as ``_seg``, ``_label``, ``_mask``): label maps
+    are paired with the image of the same base name (``breast1_label`` -> ``breast1_image``) or left out. What
+    was found is logged (images, labels, label maps left out), so a parent folder never trains on label maps.
+
     Args:
         root: folder of volumes (NIfTI, MetaImage, NRRD, DICOM series folders), searched recursively.
-        allow_unlabeled: with an images/labels layout, keep images that have no label instead of raising.
+        allow_unlabeled: with an images/labels layout at ``root``, keep images that have no label instead of
+            raising.
 
     Raises:
         DataError: missing folder, no volume found, unpaired label or image, duplicate case names.
-
-    Example:
-        >>> datalist_from_folder("demo_data/hippocampus")[0]  # doctest: +SKIP
-        {'image': '.../imagesTr/hippocampus_004.nii.gz', 'label': '.../labelsTr/hippocampus_004.nii.gz'}
     """
     root = Path(root)
     if not root.is_dir():
@@ -135,11 +173,52 @@ def datalist_from_folder(root: str | os.PathLike, allow_unlabeled: bool = False)
             if not images:
                 raise DataError(image_dir, "no volumes found (NIfTI, MetaImage, NRRD or DICOM series)")
             labels = find_volumes(label_dir) if label_dir.is_dir() else []
-            return _pair(images, labels, image_dir, allow_unlabeled=allow_unlabeled or not labels)
-    images = find_volumes(root)
-    if not images:
+            datalist = _pair(images, labels, image_dir, allow_unlabeled=allow_unlabeled or not labels)
+            _report(root, datalist, [])
+            return datalist
+    volumes = find_volumes(root)
+    if not volumes:
         raise DataError(root, "no volumes found (NIfTI .nii/.nii.gz, MetaImage .mha/.mhd, NRRD, DICOM series)")
-    return [{"image": p} for p in images]
+    datalist: list[dict] = []
+    done: list[Path] = []
+    for sub in _layout_roots(root):  # outermost first; a dataset inside a paired one is already paired
+        if not any(sub.is_relative_to(d) for d in done):
+            datalist += datalist_from_folder(sub, allow_unlabeled=True)
+            done.append(sub)
+    claimed = {d[k] for d in datalist for k in ("image", "label") if k in d}
+    rest = [v for v in volumes if v not in claimed]
+    images = [v for v in rest if not is_label_path(v, root)]
+    labels = [v for v in rest if is_label_path(v, root)]
+    by_image: dict[str, list[str]] = {}
+    for v in images:
+        name = case_name(v)
+        for key in {name, _IMAGE_TOKEN.sub("", name)}:
+            by_image.setdefault(key, []).append(v)
+    items = {v: {"image": v} for v in images}
+    left_out = []
+    for lab in labels:
+        match = by_image.get(_label_base(case_name(lab)), [])
+        if len(match) == 1 and "label" not in items[match[0]]:
+            items[match[0]]["label"] = lab
+        else:
+            left_out.append(lab)
+    datalist += [items[v] for v in images]
+    if not datalist:
+        raise DataError(root, f"no images found: all {len(labels)} volumes look like label maps "
+                        f"(e.g. {labels[0]}); point at the images folder")
+    _report(root, datalist, left_out)
+    return datalist
+
+
+def _report(root: Path, datalist: list[dict], left_out: list[str]) -> None:
+    n_labels = sum("label" in d for d in datalist)
+    message = f"{root}: {len(datalist)} images, {n_labels} with a label"
+    if left_out:
+        message += (f"; {len(left_out)} label maps left out as images (label folder or _seg/_label/_mask name, "
+                    f"no image of the same name), e.g. {left_out[0]}")
+        logger.warning(message)
+    else:
+        logger.info(message)
 
 
 def _resolve(base: Path, value: str, source: Path, column: str) -> str:

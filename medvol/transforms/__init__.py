@@ -21,5 +21,12 @@ from medvol.transforms.slices import (
     slice_channels,
 )
 from medvol.transforms.spacing import KeySafeSpacingd
-from medvol.transforms.validation import CheckAlignedd, EnsureFinite, EnsureFinited, source_of
+from medvol.transforms.validation import (
+    CheckAlignedd,
+    EnsureFinite,
+    EnsureFinited,
+    RejectConstant,
+    RejectConstantd,
+    source_of,
+)
 from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd, box_iou, overlap_in_views

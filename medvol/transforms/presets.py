@@ -31,7 +31,7 @@ from medvol.errors import ConfigError
 from medvol.io.readers import LoadVolumed
 from medvol.transforms.slices import slice_channels
 from medvol.transforms.spacing import KeySafeSpacingd
-from medvol.transforms.validation import CheckAlignedd, EnsureFinited
+from medvol.transforms.validation import CheckAlignedd, EnsureFinited, RejectConstantd
 
 __all__ = ["ForegroundThreshold", "ct_preset", "mri_preset", "get_preset", "slice_preset", "PRESETS"]
 
@@ -65,7 +65,7 @@ def _pipeline(keys, load, bias_correction, intensity, spacing, size, crop_foregr
     if load:
         dtypes = [np.float32] + [None] * len(label_keys)  # labels keep their integer type
         steps.append(LoadVolumed(keys, dtype=dtypes, allow_missing_keys=True))
-    steps.append(EnsureFinited(image_key))
+    steps += [EnsureFinited(image_key), RejectConstantd(image_key)]
     if label_keys:
         steps.append(CheckAlignedd(label_keys, reference_key=image_key))
     steps += bias_correction(image_key)
@@ -211,7 +211,7 @@ def slice_preset(preset: str = "mri", keys: Sequence[str] = ("image", "label"), 
     slice_channels(0, windows)  # validate
     image, labels = keys[0], keys[1:]
     steps = [LoadVolumed(keys, dtype=[np.float32] + [None] * len(labels), allow_missing_keys=True),
-             EnsureFinited(image)]
+             EnsureFinited(image), RejectConstantd(image)]
     if labels:
         steps.append(CheckAlignedd(labels, reference_key=image))
     if orientation:

@@ -2,6 +2,8 @@
 
 - :class:`EnsureFinite` / :class:`EnsureFinited`: NaN or infinite voxels raise (or are replaced when
   ``fill_value`` is given).
+- :class:`RejectConstant` / :class:`RejectConstantd`: a volume whose voxels all have one value (an empty scan,
+  a blank export) raises instead of being normalised into division-by-zero noise.
 - :class:`CheckAlignedd`: an image and its label must share the voxel grid (shape and affine).
 """
 
@@ -16,7 +18,7 @@ from monai.utils import TransformBackends
 
 from medvol.errors import DataError
 
-__all__ = ["source_of", "EnsureFinite", "EnsureFinited", "CheckAlignedd"]
+__all__ = ["source_of", "EnsureFinite", "EnsureFinited", "RejectConstant", "RejectConstantd", "CheckAlignedd"]
 
 
 def source_of(img, default: str = "<array>") -> str:
@@ -66,6 +68,39 @@ class EnsureFinited(MapTransform):
     def __init__(self, keys: KeysCollection, fill_value: float | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.check = EnsureFinite(fill_value)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.check(d[key])
+        return d
+
+
+class RejectConstant(Transform):
+    """Raise when every voxel of the volume has the same value: there is nothing to learn from it.
+
+    Raises:
+        DataError: naming the file and the value (an empty or blank scan; or a mask listed as an image).
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img):
+        data = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+        if data.numel() and bool(data.amin() == data.amax()):
+            raise DataError(source_of(img), f"constant volume (every voxel is {float(data.flatten()[0]):g}): an "
+                            "empty or blank scan, nothing to learn from; remove it from the dataset")
+        return img
+
+
+class RejectConstantd(MapTransform):
+    """Dictionary version of :class:`RejectConstant`."""
+
+    backend = RejectConstant.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.check = RejectConstant()
 
     def __call__(self, data):
         d = dict(data)
