@@ -8,7 +8,8 @@
 - :class:`SwappedPredictionLoss` / :class:`PixelSwappedCELoss`: volumetric clustering's swapped prediction
   (patch level, SwAV style; pixel level on the ROI-aligned overlap of two views).
 
-Every loss computes its logits in float32, also under autocast.
+Every loss computes its logits in float32, also under autocast; the argument checks and helpers they share
+live in :mod:`medvol.losses.utils`.
 """
 
 from __future__ import annotations

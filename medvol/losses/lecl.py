@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_embeddings, _check_reduction, _check_temperature, _no_autocast
+from medvol.losses.utils import check_embeddings, check_reduction, check_temperature, no_autocast
 
 __all__ = ["LeCLLoss"]
 
@@ -49,9 +49,9 @@ class LeCLLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 1.0, lesion_weight: float = 1.0, reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
-        self.lesion_weight = _check_temperature(lesion_weight, "lesion_weight")  # finite number > 0
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
+        self.lesion_weight = check_temperature(lesion_weight, "lesion_weight")  # finite number > 0
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, is_lesion: torch.Tensor | None = None
@@ -70,14 +70,14 @@ class LeCLLoss(_Loss):
             TypeError: if ``input``/``target`` are not floating point, or ``is_lesion`` is floating point.
             ValueError: if shapes do not match.
         """
-        _check_embeddings(input, "input")
-        _check_embeddings(target, "target")
+        check_embeddings(input, "input")
+        check_embeddings(target, "target")
         if input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                              f"{tuple(target.shape)}.")
         n = input.shape[0]
         lesion_idx = self._lesion_index(is_lesion, n, input.device)  # (L,)
-        with _no_autocast(input):
+        with no_autocast(input):
             q = F.normalize(input.float(), dim=1)
             k = F.normalize(target.detach().float(), dim=1)
             logits = q @ k.t() / self.temperature  # (N, N): s_ij = q_i . k_j / T

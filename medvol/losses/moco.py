@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_embeddings, _check_reduction, _check_temperature, _no_autocast, _reduce
+from medvol.losses.utils import check_embeddings, check_reduction, check_temperature, no_autocast, reduce_loss
 
 __all__ = ["MoCoLoss"]
 
@@ -42,8 +42,8 @@ class MoCoLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the loss.
@@ -60,18 +60,18 @@ class MoCoLoss(_Loss):
             TypeError: if a tensor is not floating point.
             ValueError: if shapes do not match ((N, D) and (N, D); queue (K, D) with K >= 1).
         """
-        _check_embeddings(input, "input")
-        _check_embeddings(target, "target")
+        check_embeddings(input, "input")
+        check_embeddings(target, "target")
         if input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                              f"{tuple(target.shape)}.")
         if queue is not None:
-            _check_embeddings(queue, "queue")
+            check_embeddings(queue, "queue")
             if queue.shape[1] != input.shape[1]:
                 raise ValueError(f"queue must have shape (K, {input.shape[1]}) to match input, "
                                  f"got {tuple(queue.shape)}.")
         n = input.shape[0]
-        with _no_autocast(input):
+        with no_autocast(input):
             q = F.normalize(input.float(), dim=1)
             k = F.normalize(target.detach().float(), dim=1)
             if queue is None:
@@ -84,4 +84,4 @@ class MoCoLoss(_Loss):
                 logits = torch.cat([l_pos, l_neg], dim=1)  # (N, 1 + K): column 0 is the positive
                 labels = torch.zeros(n, dtype=torch.long, device=q.device)
             losses = F.cross_entropy(logits / self.temperature, labels, reduction="none")  # (N,)
-        return _reduce(losses, self.reduction)
+        return reduce_loss(losses, self.reduction)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_reduction, _check_temperature, _no_autocast, _reduce
+from medvol.losses.utils import check_reduction, check_temperature, no_autocast, reduce_loss
 
 __all__ = ["SwappedPredictionLoss", "PixelSwappedCELoss", "overlap_points", "sample_at", "roi_align_pair",
            "warp_to_view"]
@@ -163,8 +163,8 @@ class SwappedPredictionLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.1, reduction: str = "mean"):
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -178,10 +178,10 @@ class SwappedPredictionLoss(_Loss):
         if input.ndim < 2 or input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape (N, K, ...), got {tuple(input.shape)} "
                              f"and {tuple(target.shape)}")
-        with _no_autocast(input):
+        with no_autocast(input):
             log_p = F.log_softmax(input.float() / self.temperature, dim=1)  # class axis
             per_sample = -(target.detach().float() * log_p).sum(dim=1)  # (N, ...)
-        return _reduce(per_sample, self.reduction)
+        return reduce_loss(per_sample, self.reduction)
 
 
 class PixelSwappedCELoss(_Loss):
@@ -202,7 +202,7 @@ class PixelSwappedCELoss(_Loss):
     """
 
     def __init__(self, reduction: str = "mean"):
-        super().__init__(reduction=_check_reduction(reduction))
+        super().__init__(reduction=check_reduction(reduction))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -230,7 +230,7 @@ class PixelSwappedCELoss(_Loss):
         if tuple(mask.shape) != (b, 1, *spatial):
             raise ValueError(f"mask must have shape {(b, 1, *spatial)} or {(b, *spatial)}, got {tuple(mask.shape)}")
         mask = mask.bool()
-        with _no_autocast(input):
+        with no_autocast(input):
             log_p = F.log_softmax(input.float(), dim=1)  # (B, K, *S), class axis
             ce = -log_p.gather(1, labels) * mask  # (B, 1, *S)
         if self.reduction == "none":
