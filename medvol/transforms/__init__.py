@@ -1,6 +1,16 @@
 """medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views)."""
 
 from medvol.transforms.augment import caid_distortion, flip_augmentation, intensity_augmentation
+from medvol.transforms.geometry import (
+    box_intersection,
+    box_iou,
+    cell_centres,
+    overlap_in_views,
+    overlap_points,
+    roi_align_pair,
+    sample_at,
+    warp_to_view,
+)
 from medvol.transforms.lesion import (
     LesionBoxesd,
     RandLesionSliceViewsd,
@@ -16,4 +26,4 @@ from medvol.transforms.save import SaveEmbeddingd
 from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
 from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinite, EnsureFinited, source_of
-from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd, box_iou, overlap_in_views
+from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd
