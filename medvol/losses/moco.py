@@ -1,4 +1,4 @@
-"""MoCo v2 instance-discrimination loss with an optional queue of negatives (used by CAiD)."""
+"""MoCo instance-discrimination loss: v2 with a queue of negatives (CAiD), or in-batch negatives (v3, LeCL)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class MoCoLoss(_Loss):
         logits_i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / temperature,   l_i = CE(logits_i, 0)
 
     With ``queue=None`` the negatives are the other keys of the batch: ``logits_i = q_i . k^T / temperature``
-    with target i (the in-batch / MoCo v3 form, without the 2T factor).
+    with target i (the in-batch / MoCo v3 form, without the 2T factor; :class:`~medvol.losses.LeCLLoss` is MoCo
+    v3 built on :meth:`logits`).
 
     Queries, keys and queue entries are L2-normalised here; keys and queue are detached (no gradient reaches
     the momentum encoder). The caller enqueues the keys after the loss (``medvol.networks``' queue).
@@ -60,6 +61,21 @@ class MoCoLoss(_Loss):
             TypeError: if a tensor is not floating point.
             ValueError: if shapes do not match ((N, D) and (N, D); queue (K, D) with K >= 1).
         """
+        logits, labels = self.logits(input, target, queue)
+        with no_autocast(input):
+            losses = F.cross_entropy(logits, labels, reduction="none")  # (N,)
+        return reduce_loss(losses, self.reduction)
+
+    def logits(self, input: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None):
+        """The float32 temperature-scaled logits of every query and the column of its positive.
+
+        Checks the arguments as :meth:`forward` does. Losses that extend MoCo's softmax (e.g.
+        :class:`~medvol.losses.LeCLLoss`) add columns to these logits.
+
+        Returns:
+            ``(logits, labels)``: ``logits`` (N, N) ``q k^T / T`` with labels ``arange(N)`` (``queue=None``), or
+            (N, 1 + K) ``[q_i . k_i, q_i . queue^T] / T`` with labels 0.
+        """
         check_embeddings(input, "input")
         check_embeddings(target, "target")
         if input.shape != target.shape:
@@ -83,5 +99,4 @@ class MoCoLoss(_Loss):
                 l_neg = q @ neg.t()  # (N, K)
                 logits = torch.cat([l_pos, l_neg], dim=1)  # (N, 1 + K): column 0 is the positive
                 labels = torch.zeros(n, dtype=torch.long, device=q.device)
-            losses = F.cross_entropy(logits / self.temperature, labels, reduction="none")  # (N,)
-        return reduce_loss(losses, self.reduction)
+            return logits / self.temperature, labels
