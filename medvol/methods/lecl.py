@@ -191,7 +191,7 @@ def lecl_datalist(source, lesion_boxes_csv: str | os.PathLike | None = None, les
     Raises:
         ConfigError: missing/empty dataset, unreadable box CSV, no box row matching any image, unknown cases.
     """
-    from medvol.transforms.lesion import load_lesion_boxes
+    from medvol.transforms import load_lesion_boxes
 
     if source is None or str(source).strip() in ("", "None"):
         raise ConfigError(f"{name} is not set: pass --{name} FOLDER")

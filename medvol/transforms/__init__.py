@@ -1,6 +1,11 @@
-"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views)."""
+"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views, 2.5D slices)."""
 
-from medvol.transforms.augment import caid_distortion, flip_augmentation, intensity_augmentation
+from medvol.transforms.augment import (
+    caid_distortion,
+    flip_augmentation,
+    intensity_augmentation,
+    lecl_view_augmentation,
+)
 from medvol.transforms.geometry import (
     box_intersection,
     box_iou,
@@ -11,15 +16,9 @@ from medvol.transforms.geometry import (
     sample_at,
     warp_to_view,
 )
-from medvol.transforms.lesion import (
-    LesionBoxesd,
-    RandLesionSliceViewsd,
-    RandSolarize,
-    RandSolarized,
-    lecl_view_augmentation,
-    lesion_boxes_from_mask,
-    load_lesion_boxes,
-)
+from medvol.transforms.intensity import RandSolarize, RandSolarized
+from medvol.transforms.lesion import RandLesionSliceViewsd
+from medvol.transforms.lesion_boxes import LesionBoxesd, as_lesion_boxes, lesion_boxes_from_mask, load_lesion_boxes
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset
 from medvol.transforms.save import SaveEmbeddingd
