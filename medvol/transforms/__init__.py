@@ -10,7 +10,6 @@ from medvol.transforms.geometry import (
     box_intersection,
     box_iou,
     cell_centres,
-    overlap_in_views,
     overlap_points,
     roi_align_pair,
     sample_at,
@@ -22,7 +21,7 @@ from medvol.transforms.lesion_boxes import LesionBoxesd, as_lesion_boxes, lesion
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset
 from medvol.transforms.save import SaveEmbeddingd
-from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
+from medvol.transforms.slices import CT_WINDOWS, VolumeToSlices, VolumeToSlicesd
 from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import CheckAlignedd, EnsureFinite, EnsureFinited, source_of
 from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_intersection", "box_iou", "overlap_in_views", "cell_centres", "overlap_points", "sample_at",
+__all__ = ["box_intersection", "box_iou", "cell_centres", "overlap_points", "sample_at",
            "roi_align_pair", "warp_to_view"]
 
 
@@ -54,26 +54,6 @@ def box_iou(a, b) -> float:
     inter = (hi - lo).prod()
     union = (a[1] - a[0]).prod() + (b[1] - b[0]).prod() - inter
     return float(inter / union) if union > 0 else 0.0
-
-
-def overlap_in_views(box1, box2, roi_size: Sequence[int]):
-    """The common region of two crops, as a slice range in each view's resized grid.
-
-    Args:
-        box1, box2: (2, D) boxes in source voxels (as produced by :class:`~medvol.transforms.RandCropPair`).
-        roi_size: the size both views were resized to.
-
-    Returns:
-        ``(starts1, ends1, starts2, ends2)`` float arrays in view voxel coordinates, or ``None`` when the crops
-        do not overlap.
-    """
-    box1, box2 = np.asarray(box1, dtype=np.float64), np.asarray(box2, dtype=np.float64)
-    lo, hi = (t.numpy() for t in box_intersection(torch.as_tensor(box1), torch.as_tensor(box2)))
-    if np.any(hi <= lo):
-        return None
-    roi = np.asarray(roi_size, dtype=np.float64)
-    scale1, scale2 = roi / (box1[1] - box1[0]), roi / (box2[1] - box2[0])
-    return (lo - box1[0]) * scale1, (hi - box1[0]) * scale1, (lo - box2[0]) * scale2, (hi - box2[0]) * scale2
 
 
 def cell_centres(lo: torch.Tensor, hi: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
