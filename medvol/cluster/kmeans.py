@@ -8,9 +8,9 @@ centroids once on a sample of the whole dataset (:class:`medvol.cluster.FeatureS
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -334,12 +334,13 @@ class KMeans:
         """Write centroids and metadata to ``path`` (``.npz``, no pickle) atomically; returns the path.
 
         Args:
-            path: destination file; its folder must exist.
+            path: destination file (its folder is created if missing).
             feature_source: free text naming the features the centroids belong to (network, layer, preprocessing);
                 empty keeps the one read by :meth:`load`, if any.
         """
+        from medvol.io.atomic import atomic_write_bytes  # here, not at import: see medvol.cluster.pseudolabels
+
         centers = self._check_fitted()
-        path = Path(path)
         meta = {
             "format": _FORMAT,
             "dim": int(centers.shape[1]),
@@ -354,17 +355,9 @@ class KMeans:
             "medvol_version": __version__,
             "faiss_version": faiss.__version__,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, centroids=centers, metadata=np.array(json.dumps(meta)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        buffer = io.BytesIO()
+        np.savez(buffer, centroids=centers, metadata=np.array(json.dumps(meta)))
+        return atomic_write_bytes(path, buffer.getvalue())
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict:
