@@ -1,6 +1,6 @@
 """k-means on FAISS (CPU, or GPU when the installed faiss has GPU support), fitted once and saved with metadata.
 
-The clustering step of volumetric pseudo-labelling (radioSSL, see ``docs/methods.md`` section 3): fit the
+The clustering step of volumetric pseudo-labelling (radioSSL, ``docs/methods/pixel_clustering.md``): fit the
 centroids once on a sample of the whole dataset (:class:`medvol.cluster.FeatureSampler`), save them, then
 ``predict`` hard labels per voxel. Unlike the reference code, the model is never refitted per batch.
 """
