@@ -121,10 +121,17 @@ class KMeans:
         RuntimeError: ``device="cuda"`` when the installed faiss has no GPU support or sees no GPU.
 
     Example:
-        >>> km = KMeans(10, seed=0).fit(features)          # features: (n, d) numpy array or torch tensor
-        >>> labels = km.predict(other_features)            # int64, (m,)
-        >>> km.save("centroids.npz", feature_source="unet.enc4, 64-d")
-        >>> KMeans.load("centroids.npz").predict(other_features)
+        >>> import tempfile
+        >>> rng = np.random.default_rng(0)
+        >>> features = np.concatenate([rng.normal(c, 0.1, (200, 4)) for c in (0.0, 1.0, 2.0)])  # 3 blobs, (n, d)
+        >>> km = KMeans(3, seed=0, init="k-means++", device="cpu", n_threads=1).fit(features)  # numpy or torch
+        >>> np.bincount(km.labels_).tolist(), km.predict(features[:2]).dtype
+        ([200, 200, 200], dtype('int64'))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = km.save(Path(folder) / "centroids.npz", feature_source="3 blobs, 4-d")
+        ...     same = (KMeans.load(path).predict(features) == km.labels_).all()
+        >>> bool(same)
+        True
     """
 
     def __init__(

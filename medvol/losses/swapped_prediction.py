@@ -38,8 +38,10 @@ class SwappedPredictionLoss(_Loss):
 
     Example:
         >>> loss = SwappedPredictionLoss(0.1)
-        >>> s1, s2 = torch.randn(64, 50), torch.randn(64, 50)
-        >>> l = 0.5 * (loss(s1, sinkhorn(s2)) + loss(s2, sinkhorn(s1)))  # doctest: +SKIP
+        >>> s1, s2 = torch.randn(64, 50), torch.randn(64, 50)  # (N, K) scores of the two views
+        >>> q1, q2 = s1.softmax(dim=1), s2.softmax(dim=1)  # in training: medvol.cluster.sinkhorn of the scores
+        >>> (0.5 * (loss(s1, q2) + loss(s2, q1))).shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.1, reduction: str = "mean"):
@@ -78,7 +80,11 @@ class PixelSwappedCELoss(_Loss):
 
     Example:
         >>> loss = PixelSwappedCELoss()
-        >>> loss(torch.randn(2, 10, 8, 8, 8), torch.randint(0, 10, (2, 1, 8, 8, 8)))  # doctest: +SKIP
+        >>> logits, labels = torch.randn(2, 10, 8, 8, 8), torch.randint(0, 10, (2, 1, 8, 8, 8))
+        >>> inside = torch.zeros(2, 1, 8, 8, 8, dtype=torch.bool)
+        >>> inside[..., :4] = True  # the voxels the two crops share
+        >>> loss(logits, labels, inside).shape, float(loss(logits, labels, torch.zeros_like(inside)))
+        (torch.Size([]), 0.0)
     """
 
     def __init__(self, reduction: str = "mean"):

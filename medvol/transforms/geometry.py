@@ -126,6 +126,14 @@ def roi_align_pair(feat1: torch.Tensor, feat2: torch.Tensor, box1: torch.Tensor,
     Returns:
         ``(f1, f2, valid)``: (B, C, P) each with P = prod(size) points in the same order, and ``valid`` (B,) bool
         (False for pairs whose crops do not overlap; exclude them from the loss).
+
+    Example:
+        >>> box1 = torch.tensor([[[0.0, 0, 0], [32, 32, 32]], [[0.0, 0, 0], [32, 32, 32]]])
+        >>> box2 = torch.tensor([[[16.0, 0, 0], [48, 32, 32]], [[40.0, 0, 0], [72, 32, 32]]])  # 2nd: no overlap
+        >>> tokens1, tokens2 = torch.rand(2, 8, 4, 4, 4), torch.rand(2, 8, 4, 4, 4)  # (B, C, /8 grid) per view
+        >>> f1, f2, valid = roi_align_pair(tokens1, tokens2, box1, box2)
+        >>> f1.shape, f2.shape, valid.tolist()
+        (torch.Size([2, 8, 64]), torch.Size([2, 8, 64]), [True, False])
     """
     size = tuple(feat1.shape[2:]) if size is None else tuple(int(s) for s in size)
     points, valid = overlap_points(box1, box2, size)

@@ -196,9 +196,11 @@ class VolumeToSlices(Transform):
         ValueError: for bad arguments, or an input that is not a channel-first 3D volume.
 
     Example:
-        >>> stack, z = VolumeToSlices(windows=["lung", "soft_tissue", "bone"], return_index=True)(ct)  # doctest: +SKIP
-        >>> stack.shape  # doctest: +SKIP
-        torch.Size([30, 9, 224, 224])
+        >>> ct = torch.full((1, 122, 101, 30), -1000.0)  # (C, X, Y, Z) in HU: air around a soft-tissue block
+        >>> ct[:, 20:100, 20:80] = 40.0
+        >>> stack, z = VolumeToSlices(windows=["lung", "soft_tissue", "bone"], return_index=True)(ct)
+        >>> stack.shape, z[:3].tolist()  # 3 windows x (1 + 2 context slices) = 9 channels
+        (torch.Size([30, 9, 224, 224]), [0, 1, 2])
     """
 
     backend = [TransformBackends.TORCH]
