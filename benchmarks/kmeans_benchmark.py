@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--data", default=os.path.join(os.environ.get("MEDVOL_DATA", "."), "hippocampus", "imagesTr"))
     p.add_argument("--n-samples", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--k", type=int, default=10, help="10 = radioSSL's pixel-level K (methods.md section 3)")
+    p.add_argument("--k", type=int, default=10, help="10 = radioSSL's pixel-level K (docs/methods/pixel_clustering.md)")
     p.add_argument("--n-iter", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

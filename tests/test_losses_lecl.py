@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvol.losses import LeCLLoss
+from medvol.losses import LeCLLoss, MoCoLoss
 
 
 def moco_v3(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
@@ -37,6 +37,15 @@ def test_without_lesions_equals_moco_v3_exactly():
         plain = moco_v3(q, k, tau)
         assert torch.equal(loss(q, k), plain)
         assert torch.equal(loss(q, k, torch.zeros(6, dtype=torch.bool)), plain)
+
+
+def test_without_lesions_is_moco_in_batch_times_2t():
+    """LeCLLoss is built on MoCoLoss: per anchor, the in-batch MoCo loss scaled by MoCo v3's 2T."""
+    torch.manual_seed(6)
+    q, k = torch.randn(5, 8), torch.randn(5, 8)
+    per_anchor = LeCLLoss(temperature=0.5, reduction="none")(q, k)
+    assert torch.equal(per_anchor, MoCoLoss(temperature=0.5, reduction="none")(q, k) * (2 * 0.5))
+    assert isinstance(LeCLLoss(), MoCoLoss)
 
 
 @pytest.mark.parametrize("tau,w", [(1.0, 1.0), (1.0, 10.0), (0.2, 3.0)])

@@ -24,10 +24,9 @@ from medvol.cluster import (
     sinkhorn,
 )
 from medvol.errors import ConfigError
-from medvol.losses import roi_align_pair
 from medvol.methods import PatchClustering, PixelClustering
 from medvol.networks import UNet3D
-from medvol.transforms import get_preset
+from medvol.transforms import get_preset, roi_align_pair
 
 
 def _boxes(*pairs):

@@ -1,4 +1,4 @@
-"""Lesion-aware view pairs on the breast MR with its lesion mask, CSV boxes, and the LeCL view augmentation."""
+"""Lesion boxes (mask, CSV), lesion-aware view pairs on the breast MR with its mask, the LeCL view augmentation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from monai.transforms import Compose, Orientationd, ScaleIntensityd
 
 from medvol.errors import DataError
 from medvol.io import LoadVolume, LoadVolumed, load_lesion_boxes
-from medvol.transforms.lesion import (
+from medvol.transforms import (
     LesionBoxesd,
     RandLesionSliceViewsd,
     RandSolarize,

@@ -1,4 +1,4 @@
-"""2.5D slice samples on real scans: windows, context channels, border replication, resizing, random slices."""
+"""2.5D slice samples on real scans: windows, context channels, border replication, resizing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from monai.transforms import Compose, Orientationd
 
 from medvol.io import LoadVolume, LoadVolumed
-from medvol.transforms.slices import CT_WINDOWS, RandSlice25D, RandSlice25Dd, VolumeToSlices, VolumeToSlicesd
+from medvol.transforms.slices import CT_WINDOWS, VolumeToSlices, VolumeToSlicesd
 
 
 @pytest.fixture(scope="module")
@@ -100,39 +100,6 @@ def test_bad_arguments_raise():
         VolumeToSlices(windows=[(100, -100)])
     with pytest.raises(ValueError, match="channel-first 3D"):
         VolumeToSlices()(torch.zeros(4, 4, 4))
-
-
-def test_rand_slice_is_reproducible_and_keys_aligned(breast):
-    def draws(seed):
-        t = RandSlice25Dd("image", label_keys="label", context=1, spatial_size=(32, 32)).set_random_state(seed)
-        return [t(breast) for _ in range(6)]
-
-    a, b, c = draws(3), draws(3), draws(4)
-    for x, y in zip(a, b):
-        assert int(x["slice_index"]) == int(y["slice_index"])
-        torch.testing.assert_close(x["image"], y["image"])
-    assert [int(x["slice_index"]) for x in a] != [int(x["slice_index"]) for x in c]
-    image_stack = VolumeToSlices(context=1, spatial_size=(32, 32))(breast["image"])
-    label_stack = VolumeToSlices(context=0, spatial_size=(32, 32), mode="nearest")(breast["label"])
-    for x in a:
-        z = int(x["slice_index"])
-        assert x["image"].shape == (3, 32, 32) and x["label"].shape == (1, 32, 32)
-        torch.testing.assert_close(x["image"], image_stack[z])
-        torch.testing.assert_close(x["label"], label_stack[z])
-    assert isinstance(breast["image"], torch.Tensor) and breast["image"].ndim == 4  # input dict untouched
-
-
-def test_rand_slice_array_and_empty_filter(ct):
-    vol = ct.clone()
-    vol[..., 10:] = -2000.0
-    t = RandSlice25D(context=0, spatial_size=(16, 16), skip_empty_threshold=-1500.0).set_random_state(0)
-    seen = set()
-    for _ in range(20):
-        assert t(vol).shape == (1, 16, 16)
-        seen.add(t.slice_index)
-    assert seen <= set(range(10)) and len(seen) > 3
-    with pytest.raises(ValueError, match="share the voxel grid"):
-        RandSlice25Dd("image", label_keys="label")({"image": ct, "label": ct[..., :10]})
 
 
 def test_empty_slice_selection_gives_empty_stack():

@@ -13,7 +13,6 @@ from medvol.transforms import (
     box_iou,
     caid_distortion,
     mri_preset,
-    overlap_in_views,
 )
 
 
@@ -47,19 +46,6 @@ def test_crop_pair_min_iou(volume):
     free = RandCropPair(roi_size=(16, 16, 16), scale_range=(0.3, 0.8))
     free.set_random_state(1)
     assert min(box_iou(*free(volume)[2:]) for _ in range(20)) < 0.3  # the constraint is what enforces it
-
-
-def test_overlap_maps_the_same_anatomy(volume):
-    """Voxels of the overlap, read through each view's coordinates, are the same source voxels."""
-    crop = RandCropPair(roi_size=(20, 28, 24), scale_range=(0.5, 0.5), min_iou=0.2)  # no resampling
-    crop.set_random_state(5)
-    v1, v2, b1, b2 = crop(volume)
-    s1, e1, s2, e2 = overlap_in_views(b1, b2, (20, 28, 24))
-    a = v1[:, int(s1[0]):int(e1[0]), int(s1[1]):int(e1[1]), int(s1[2]):int(e1[2])]
-    b = v2[:, int(s2[0]):int(e2[0]), int(s2[1]):int(e2[1]), int(s2[2]):int(e2[2])]
-    assert a.numel() > 0
-    torch.testing.assert_close(a, b)
-    assert overlap_in_views(np.array([[0, 0, 0], [4, 4, 4]]), np.array([[5, 5, 5], [9, 9, 9]]), (8, 8, 8)) is None
 
 
 def test_dict_crop_pair_aligns_keys_and_reproduces(volume):

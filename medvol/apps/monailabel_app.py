@@ -16,12 +16,12 @@ zoo source other than ``monaihosting`` a bundle folder that exists locally is us
 
 and returns the ``monailabel start_server`` command line.
 
-Example:
-    >>> from medvol.apps.monailabel_app import prepare_app
-    >>> app = prepare_app("apps/medvol", "bundles/fewshot_segmentation",
-    ...                   checkpoint="runs/seg/models/model.pt")  # doctest: +SKIP
-    >>> print(app.command(studies="/data/studies"))  # doctest: +SKIP
-    monailabel start_server --app apps/medvol --studies /data/studies --conf models fewshot_segmentation ...
+Example (writes an app folder; ``medvol monailabel-app`` is the command-line form)::
+
+    from medvol.apps.monailabel_app import prepare_app
+    app = prepare_app("apps/medvol", "bundles/fewshot_segmentation", checkpoint="runs/seg/models/model.pt")
+    print(app.command(studies="/data/studies"))
+    # monailabel start_server --app apps/medvol --studies /data/studies --conf models fewshot_segmentation ...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """k-means on FAISS (CPU, or GPU when the installed faiss has GPU support), fitted once and saved with metadata.
 
-The clustering step of volumetric pseudo-labelling (radioSSL, see ``docs/methods.md`` section 3): fit the
+The clustering step of volumetric pseudo-labelling (radioSSL, ``docs/methods/pixel_clustering.md``): fit the
 centroids once on a sample of the whole dataset (:class:`medvol.cluster.FeatureSampler`), save them, then
 ``predict`` hard labels per voxel. Unlike the reference code, the model is never refitted per batch.
 """
@@ -8,9 +8,9 @@ centroids once on a sample of the whole dataset (:class:`medvol.cluster.FeatureS
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +121,17 @@ class KMeans:
         RuntimeError: ``device="cuda"`` when the installed faiss has no GPU support or sees no GPU.
 
     Example:
-        >>> km = KMeans(10, seed=0).fit(features)          # features: (n, d) numpy array or torch tensor
-        >>> labels = km.predict(other_features)            # int64, (m,)
-        >>> km.save("centroids.npz", feature_source="unet.enc4, 64-d")
-        >>> KMeans.load("centroids.npz").predict(other_features)
+        >>> import tempfile
+        >>> rng = np.random.default_rng(0)
+        >>> features = np.concatenate([rng.normal(c, 0.1, (200, 4)) for c in (0.0, 1.0, 2.0)])  # 3 blobs, (n, d)
+        >>> km = KMeans(3, seed=0, init="k-means++", device="cpu", n_threads=1).fit(features)  # numpy or torch
+        >>> np.bincount(km.labels_).tolist(), km.predict(features[:2]).dtype
+        ([200, 200, 200], dtype('int64'))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = km.save(Path(folder) / "centroids.npz", feature_source="3 blobs, 4-d")
+        ...     same = (KMeans.load(path).predict(features) == km.labels_).all()
+        >>> bool(same)
+        True
     """
 
     def __init__(
@@ -334,12 +341,13 @@ class KMeans:
         """Write centroids and metadata to ``path`` (``.npz``, no pickle) atomically; returns the path.
 
         Args:
-            path: destination file; its folder must exist.
+            path: destination file (its folder is created if missing).
             feature_source: free text naming the features the centroids belong to (network, layer, preprocessing);
                 empty keeps the one read by :meth:`load`, if any.
         """
+        from medvol.io.atomic import atomic_write_bytes  # here, not at import: see medvol.cluster.pseudolabels
+
         centers = self._check_fitted()
-        path = Path(path)
         meta = {
             "format": _FORMAT,
             "dim": int(centers.shape[1]),
@@ -354,17 +362,9 @@ class KMeans:
             "medvol_version": __version__,
             "faiss_version": faiss.__version__,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, centroids=centers, metadata=np.array(json.dumps(meta)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        buffer = io.BytesIO()
+        np.savez(buffer, centroids=centers, metadata=np.array(json.dumps(meta)))
+        return atomic_write_bytes(path, buffer.getvalue())
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict:

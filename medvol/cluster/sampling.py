@@ -36,10 +36,12 @@ class FeatureSampler:
         n_volumes: number of :meth:`add` calls.
 
     Example:
-        >>> sampler = FeatureSampler(1_000_000, per_volume_quota=20_000, seed=0)
-        >>> for volume in volumes:
-        ...     sampler.add(encoder_features(volume))   # (n_voxels, d)
-        >>> km = KMeans(10).fit(sampler.sample())
+        >>> rng = np.random.default_rng(0)
+        >>> sampler = FeatureSampler(1_000, per_volume_quota=400, seed=0)
+        >>> for n_voxels in (5_000, 300, 2_000):              # one (n_voxels, d) feature array per volume
+        ...     _ = sampler.add(rng.random((n_voxels, 8), dtype=np.float32))
+        >>> sampler.sample().shape, sampler.n_seen           # 400 + 300 + 400 rows passed the quota
+        ((1000, 8), 7300)
     """
 
     def __init__(self, max_samples: int, per_volume_quota: int | None = None, seed: int = 0):

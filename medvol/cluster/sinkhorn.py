@@ -59,7 +59,11 @@ def sinkhorn(
         RuntimeError: ``distributed=True`` without an initialised process group.
 
     Example:
+        >>> z = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)           # (N, D) embeddings
+        >>> prototypes = torch.nn.functional.normalize(torch.randn(10, 16), dim=1)  # (K, D)
         >>> q = sinkhorn(z @ prototypes.T)   # (N, K) targets for the swapped prediction loss
+        >>> q.shape, torch.allclose(q.sum(dim=1), torch.ones(64))
+        (torch.Size([64, 10]), True)
     """
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2D (N samples, K prototypes), got shape {tuple(scores.shape)}")

@@ -30,8 +30,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error it is deleted.
 
     Example:
-        >>> with atomic_path("out/model.pt") as tmp:  # doctest: +SKIP
-        ...     torch.save(state, tmp)
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_path(folder / "notes.txt") as tmp:  # written to a temp name, renamed on success
+        ...     _ = tmp.write_text("done")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['notes.txt']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,15 @@ def load_lesion_boxes(csv_path: str | os.PathLike, case_column: str = "case", sl
         DataError: unreadable file, missing columns, a non-numeric value or an empty box (names file and row).
 
     Example:
-        >>> boxes = load_lesion_boxes("DL_info.csv", case_column="File_name", slice_column="Key_slice_index",
-        ...                           box_columns="Bounding_boxes")  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:  # a DeepLesion-style CSV with 1-based slice indices
+        ...     csv_path = os.path.join(folder, "DL_info.csv")
+        ...     with open(csv_path, "w") as f:
+        ...         _ = f.write('File_name,Key_slice_index,Bounding_boxes\\ncase_1.nii.gz,12,"30.5, 40, 52, 61"\\n')
+        ...     boxes = load_lesion_boxes(csv_path, case_column="File_name", slice_column="Key_slice_index",
+        ...                               box_columns="Bounding_boxes", slice_base=1)
+        >>> boxes["case_1.nii.gz"].tolist()
+        [[0.0, 11.0, 30.5, 40.0, 52.0, 61.0]]
     """
     path = os.fspath(csv_path)
     try:

@@ -145,7 +145,9 @@ class VolumeReader(ImageReader):
     Example:
         >>> from monai.transforms import LoadImage
         >>> img = LoadImage(image_only=True, ensure_channel_first=True)(
-        ...     "demo_data/nrrd/breast1_image.nrrd", reader=VolumeReader())  # doctest: +SKIP
+        ...     "demo_data/nrrd/breast1_image.nrrd", reader=VolumeReader())
+        >>> img.ndim, img.meta["filename_or_obj"].endswith("breast1_image.nrrd")
+        (4, True)
     """
 
     def __init__(self, dtype=None):
@@ -201,8 +203,8 @@ class LoadVolume(Transform):
         ensure_channel_first: return (1, X, Y, Z) instead of (X, Y, Z) (default True).
 
     Example:
-        >>> img = LoadVolume()("demo_data/ct/example_ct_sm.nii.gz")  # doctest: +SKIP
-        >>> img.shape, img.pixdim  # doctest: +SKIP
+        >>> img = LoadVolume()("demo_data/ct/example_ct_sm.nii.gz")
+        >>> img.shape, img.pixdim
         (torch.Size([1, 122, 101, 30]), tensor([3., 3., 3.], dtype=torch.float64))
     """
 

@@ -1,60 +1,14 @@
-"""NT-Xent / InfoNCE with an arbitrary positive mask (SimCLR and Chaitanya et al.'s G^R, G^D-, G^D).
-
-Also holds the small argument checks shared by the other contrastive losses of :mod:`medvol.losses`.
-"""
+"""NT-Xent / InfoNCE with an arbitrary positive mask (SimCLR and Chaitanya et al.'s G^R, G^D-, G^D)."""
 
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from medvol.losses.utils import check_embeddings, check_reduction, check_temperature, no_autocast, reduce_loss
+
 __all__ = ["InfoNCELoss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_temperature(value: float, name: str = "temperature") -> float:
-    """Return ``value`` as a float, or raise if it is not a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _check_reduction(reduction: str) -> str:
-    """Return the reduction name ('mean' | 'sum' | 'none'; a ``monai.utils.LossReduction`` works too)."""
-    value = getattr(reduction, "value", reduction)
-    if value not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
-    return value
-
-
-def _check_embeddings(x: torch.Tensor, name: str) -> None:
-    """Raise unless ``x`` is a floating (N, D) tensor with N >= 1 and D >= 1."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}.")
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got {tuple(x.shape)}.")
-
-
-def _no_autocast(x: torch.Tensor):
-    """Context that disables autocast on ``x``'s device, so logits are computed in float32."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
 
 
 class InfoNCELoss(_Loss):
@@ -88,8 +42,8 @@ class InfoNCELoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.1, reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Compute the loss.
@@ -110,7 +64,7 @@ class InfoNCELoss(_Loss):
             TypeError: if ``input`` is not floating point or ``target`` is not integer/bool.
             ValueError: on shape mismatch, mask values outside {-1, 0, 1}, or no positive pair in the batch.
         """
-        _check_embeddings(input, "input")
+        check_embeddings(input, "input")
         n = input.shape[0]
         mask = self._mask(target, n, input.device)  # (N, N) int: 1 pos, 0 neg, -1 ignore
         eye = torch.eye(n, dtype=torch.bool, device=input.device)
@@ -120,7 +74,7 @@ class InfoNCELoss(_Loss):
         if pairs[0].numel() == 0:
             raise ValueError("InfoNCELoss: the batch has no positive pair (every anchor needs >= 1 positive).")
 
-        with _no_autocast(input):
+        with no_autocast(input):
             z = F.normalize(input.float(), dim=1)
             sim = z @ z.t() / self.temperature  # (N, N) scaled cosine similarities
             # log sum_{k in neg(i)} exp(s_ik) per anchor; rows without negatives -> -inf, without NaN gradients
@@ -131,7 +85,7 @@ class InfoNCELoss(_Loss):
             s_pos = sim[pairs]  # (P,)
             # -log(e^s / (e^s + e^n)) = log(1 + e^(n - s)): softplus avoids the cancellation of lse - s
             losses = F.softplus(neg_lse[pairs[0]] - s_pos)  # (P,)
-        return _reduce(losses, self.reduction)
+        return reduce_loss(losses, self.reduction)
 
     @staticmethod
     def _mask(target: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

@@ -1,17 +1,17 @@
-"""LeCL: MoCo v3 contrastive loss with CLEAR's lesion-weighted denominator."""
+"""LeCL: MoCo v3 contrastive loss with CLEAR's lesion-weighted denominator, built on :class:`MoCoLoss`."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_embeddings, _check_reduction, _check_temperature, _no_autocast
+from medvol.losses.moco import MoCoLoss
+from medvol.losses.utils import check_temperature, no_autocast
 
 __all__ = ["LeCLLoss"]
 
 
-class LeCLLoss(_Loss):
+class LeCLLoss(MoCoLoss):
     """MoCo v3 loss with extra lesion-key terms in each anchor's softmax denominator (lesion-enhanced CL).
 
     Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transformers" (MoCo v3), ICCV
@@ -24,8 +24,9 @@ class LeCLLoss(_Loss):
     a cross entropy with target i. The weight w multiplies the already temperature-scaled logits, as in the
     original code, so it acts as an inverse temperature of the extra terms; lesion keys therefore appear twice
     in the denominator (once as ordinary negatives). Without lesions it is exactly MoCo v3's
-    ``CE(s, arange(N)) * 2T`` (same code path). Differences from the original: logsumexp in float32 (the
-    original uses float64), and no all-gather (pass globally gathered keys yourself, see ``forward``).
+    ``CE(s, arange(N)) * 2T`` (same code path): ``s`` is :meth:`MoCoLoss.logits` with in-batch negatives (no
+    queue; the third argument of ``forward`` is the lesion flags). Differences from the original: logsumexp in
+    float32 (the original uses float64), and no all-gather (pass globally gathered keys yourself).
 
     The symmetric loss is ``loss(q1, k2, m) + loss(q2, k1, m)``; :meth:`symmetric` computes it.
 
@@ -49,9 +50,8 @@ class LeCLLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 1.0, lesion_weight: float = 1.0, reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
-        self.lesion_weight = _check_temperature(lesion_weight, "lesion_weight")  # finite number > 0
+        super().__init__(temperature, reduction)
+        self.lesion_weight = check_temperature(lesion_weight, "lesion_weight")  # finite number > 0
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, is_lesion: torch.Tensor | None = None
@@ -70,22 +70,14 @@ class LeCLLoss(_Loss):
             TypeError: if ``input``/``target`` are not floating point, or ``is_lesion`` is floating point.
             ValueError: if shapes do not match.
         """
-        _check_embeddings(input, "input")
-        _check_embeddings(target, "target")
-        if input.shape != target.shape:
-            raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
-                             f"{tuple(target.shape)}.")
+        logits, labels = self.logits(input, target)  # (N, N): s_ij = q_i . k_j / T, labels arange(N)
         n = input.shape[0]
         lesion_idx = self._lesion_index(is_lesion, n, input.device)  # (L,)
-        with _no_autocast(input):
-            q = F.normalize(input.float(), dim=1)
-            k = F.normalize(target.detach().float(), dim=1)
-            logits = q @ k.t() / self.temperature  # (N, N): s_ij = q_i . k_j / T
+        with no_autocast(input):
             if lesion_idx.numel() > 0:
                 eye = torch.eye(n, dtype=torch.bool, device=logits.device)
                 extra = (self.lesion_weight * logits).masked_fill(eye, float("-inf"))  # w*s_il, l == i removed
                 logits = torch.cat([logits, extra[:, lesion_idx]], dim=1)  # (N, N + L)
-            labels = torch.arange(n, device=logits.device)
             # reduce inside the CE as MoCo v3 does, so that without lesions the value is bit-identical
             return F.cross_entropy(logits, labels, reduction=self.reduction) * (2 * self.temperature)
 

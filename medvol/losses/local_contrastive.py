@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_reduction, _check_temperature, _no_autocast, _reduce
+from medvol.losses.utils import check_reduction, check_temperature, no_autocast, reduce_loss
 
 __all__ = ["LocalContrastiveLoss"]
 
@@ -68,8 +68,8 @@ class LocalContrastiveLoss(_Loss):
         region_size: int = 3,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
         self.region_size = _positive_int(region_size, "region_size")
         if isinstance(grid_size, Sequence) and not isinstance(grid_size, str):
             if len(grid_size) < 1:
@@ -133,7 +133,7 @@ class LocalContrastiveLoss(_Loss):
         grid = [len(s) for s in starts]
         r, b = self.region_size, input.shape[0]
         n_regions = math.prod(grid)
-        with _no_autocast(input):
+        with no_autocast(input):
             views = []
             for x in (input, target.to(input.device)):
                 for axis, s in enumerate(starts):  # keep only the region windows: axis a -> g_a * r voxels
@@ -150,7 +150,7 @@ class LocalContrastiveLoss(_Loss):
             labels = (torch.arange(2 * n_regions, device=sim.device) + n_regions) % (2 * n_regions)  # other view
             losses = F.cross_entropy(sim.reshape(b * 2 * n_regions, -1), labels.repeat(b), reduction="none")
             losses = losses.reshape(b, 2 * n_regions).mean(dim=1)  # (B,)
-        return _reduce(losses, self.reduction)
+        return reduce_loss(losses, self.reduction)
 
     def _grid(self, nd: int) -> tuple[int, ...]:
         if isinstance(self.grid_size, int):

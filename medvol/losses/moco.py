@@ -1,4 +1,4 @@
-"""MoCo v2 instance-discrimination loss with an optional queue of negatives (used by CAiD)."""
+"""MoCo instance-discrimination loss: v2 with a queue of negatives (CAiD), or in-batch negatives (v3, LeCL)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_embeddings, _check_reduction, _check_temperature, _no_autocast, _reduce
+from medvol.losses.utils import check_embeddings, check_reduction, check_temperature, no_autocast, reduce_loss
 
 __all__ = ["MoCoLoss"]
 
@@ -21,7 +21,8 @@ class MoCoLoss(_Loss):
         logits_i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / temperature,   l_i = CE(logits_i, 0)
 
     With ``queue=None`` the negatives are the other keys of the batch: ``logits_i = q_i . k^T / temperature``
-    with target i (the in-batch / MoCo v3 form, without the 2T factor).
+    with target i (the in-batch / MoCo v3 form, without the 2T factor; :class:`~medvol.losses.LeCLLoss` is MoCo
+    v3 built on :meth:`logits`).
 
     Queries, keys and queue entries are L2-normalised here; keys and queue are detached (no gradient reaches
     the momentum encoder). The caller enqueues the keys after the loss (``medvol.networks``' queue).
@@ -42,8 +43,8 @@ class MoCoLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        self.temperature = _check_temperature(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_temperature(temperature)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the loss.
@@ -60,18 +61,33 @@ class MoCoLoss(_Loss):
             TypeError: if a tensor is not floating point.
             ValueError: if shapes do not match ((N, D) and (N, D); queue (K, D) with K >= 1).
         """
-        _check_embeddings(input, "input")
-        _check_embeddings(target, "target")
+        logits, labels = self.logits(input, target, queue)
+        with no_autocast(input):
+            losses = F.cross_entropy(logits, labels, reduction="none")  # (N,)
+        return reduce_loss(losses, self.reduction)
+
+    def logits(self, input: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None):
+        """The float32 temperature-scaled logits of every query and the column of its positive.
+
+        Checks the arguments as :meth:`forward` does. Losses that extend MoCo's softmax (e.g.
+        :class:`~medvol.losses.LeCLLoss`) add columns to these logits.
+
+        Returns:
+            ``(logits, labels)``: ``logits`` (N, N) ``q k^T / T`` with labels ``arange(N)`` (``queue=None``), or
+            (N, 1 + K) ``[q_i . k_i, q_i . queue^T] / T`` with labels 0.
+        """
+        check_embeddings(input, "input")
+        check_embeddings(target, "target")
         if input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                              f"{tuple(target.shape)}.")
         if queue is not None:
-            _check_embeddings(queue, "queue")
+            check_embeddings(queue, "queue")
             if queue.shape[1] != input.shape[1]:
                 raise ValueError(f"queue must have shape (K, {input.shape[1]}) to match input, "
                                  f"got {tuple(queue.shape)}.")
         n = input.shape[0]
-        with _no_autocast(input):
+        with no_autocast(input):
             q = F.normalize(input.float(), dim=1)
             k = F.normalize(target.detach().float(), dim=1)
             if queue is None:
@@ -83,5 +99,4 @@ class MoCoLoss(_Loss):
                 l_neg = q @ neg.t()  # (N, K)
                 logits = torch.cat([l_pos, l_neg], dim=1)  # (N, 1 + K): column 0 is the positive
                 labels = torch.zeros(n, dtype=torch.long, device=q.device)
-            losses = F.cross_entropy(logits / self.temperature, labels, reduction="none")  # (N,)
-        return _reduce(losses, self.reduction)
+            return logits / self.temperature, labels

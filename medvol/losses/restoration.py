@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.infonce import _check_reduction, _no_autocast
+from medvol.losses.utils import check_reduction, no_autocast
 
 __all__ = ["RestorationLoss"]
 
@@ -38,7 +38,7 @@ class RestorationLoss(_Loss):
     """
 
     def __init__(self, loss: str = "mse", reduction: str = "mean") -> None:
-        super().__init__(reduction=_check_reduction(reduction))
+        super().__init__(reduction=check_reduction(reduction))
         if not isinstance(loss, str) or loss.lower() not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
         self.loss = loss.lower()
@@ -65,7 +65,7 @@ class RestorationLoss(_Loss):
         if input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                              f"{tuple(target.shape)}.")
-        with _no_autocast(input):
+        with no_autocast(input):
             diff = input.float() - target.to(input.device).float()
             err = diff.square() if self.loss == "mse" else diff.abs()  # input's shape
             if mask is None:

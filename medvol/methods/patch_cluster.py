@@ -5,7 +5,7 @@ after SwAV (Caron et al., NeurIPS 2020). Two crops of a volume with IoU >= 0.3
 (:class:`~medvol.transforms.RandCropPaird` with ``min_iou``) are intensity-augmented separately. The encoder's
 map at stride 8 gives one token per 8^3 voxels; ``Linear(C -> proj_dim)`` and L2 normalisation give embeddings
 ``z``; the tokens of both views are sampled at the same source points over the overlap of the two boxes
-(:func:`~medvol.losses.roi_align_pair`), renormalised, and scored against K L2-normalised prototypes. Targets
+(:func:`~medvol.transforms.roi_align_pair`), renormalised, and scored against K L2-normalised prototypes. Targets
 are the Sinkhorn-Knopp equipartition of the *other* view's detached scores::
 
     loss = 1/2 [ CE(s_1 / T, sinkhorn(s_2)) + CE(s_2 / T, sinkhorn(s_1)) ]     (softmax over the K prototypes)
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvol.losses.swapped_prediction import SwappedPredictionLoss, roi_align_pair
+from medvol.losses import SwappedPredictionLoss
 from medvol.methods.base import SSLMethod
+from medvol.transforms.geometry import roi_align_pair
 
 __all__ = ["PatchClustering", "encoder_strides"]
 

@@ -5,7 +5,7 @@ Every training volume has a pseudo-label map of K clusters, computed once by ``m
 (teacher features -> one k-means fit -> assignment). Two overlapping crops of the volume and of its
 pseudo-label map (same boxes, nearest resizing for the labels) are intensity-augmented separately; the student
 U-Net predicts K-channel logits for each view, and each view is trained on the *other* view's pseudo-labels,
-resampled (nearest) onto its voxels inside the overlap (:func:`~medvol.losses.warp_to_view`)::
+resampled (nearest) onto its voxels inside the overlap (:func:`~medvol.transforms.warp_to_view`)::
 
     loss = 1/2 [ CE(g_1, p_2 -> view 1) + CE(g_2, p_1 -> view 2) ]     (log-softmax over the K channels)
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from medvol.losses.swapped_prediction import PixelSwappedCELoss, warp_to_view
+from medvol.losses import PixelSwappedCELoss
 from medvol.methods.base import SSLMethod
+from medvol.transforms.geometry import warp_to_view
 
 __all__ = ["PixelClustering"]
 

@@ -8,7 +8,7 @@ metrics, predictions and attention (:mod:`medvol.mil.report`); :class:`MILPredic
 
 from __future__ import annotations
 
-from .crossval import CrossValidator, FoldTraining, make_folds, run_crossval, split_validation, train_fold
+from .crossval import CrossValidator, FoldTraining, make_folds, split_validation, train_fold
 from .data import Bag, BagDataset, bag_case_id, collate_bags, feature_stats, find_bags, read_bag, write_bag
 from .inference import MILPredictor, network_factory, predict_bags
 from .report import plot_attention_top_slices, summarise_folds, top_slices, write_metrics
@@ -36,7 +36,6 @@ __all__ = [
     "train_fold",
     "predict_bags",
     "CrossValidator",
-    "run_crossval",
     "MILPredictor",
     "plot_attention_top_slices",
     "summarise_folds",

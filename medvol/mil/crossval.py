@@ -54,7 +54,7 @@ from medvol.mil.report import (
 )
 from medvol.mil.targets import MILTaskLoss, TargetSpec, compute_metrics, load_targets
 
-__all__ = ["make_folds", "split_validation", "FoldTraining", "train_fold", "CrossValidator", "run_crossval"]
+__all__ = ["make_folds", "split_validation", "FoldTraining", "train_fold", "CrossValidator"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +322,3 @@ class CrossValidator:
                     len(tr), len(va), len(test), result.best_epoch, result.best_val_loss,
                     ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if m not in ("fold", "n_test", "best_epoch")))
         return metrics, rows, plotted
-
-
-def run_crossval(**kwargs) -> dict:
-    """``CrossValidator(**kwargs).run()``."""
-    return CrossValidator(**kwargs).run()

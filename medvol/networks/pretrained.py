@@ -77,7 +77,12 @@ def load_pretrained(
         ValueError: with ``strict_shapes=True``, when some shapes differ.
 
     Example:
-        >>> report = load_pretrained(finetune_net, "pretext/model.pt", prefixes=("encoder.",))  # doctest: +SKIP
+        >>> from medvol.networks import UNet3D
+        >>> pretext = UNet3D(channels=(4, 8))                       # e.g. the backbone a pretext task trained
+        >>> finetune_net = UNet3D(channels=(4, 8), out_channels=3)  # new head: transfer the encoder only
+        >>> report = load_pretrained(finetune_net, pretext.state_dict(), prefixes=("encoder.",))  # or a .pt path
+        >>> len(report["loaded"]) > 0, report["skipped_shape"], report["missing"]
+        (True, [], [])
     """
     name = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "<state dict>"
     state = _read_state_dict(path_or_state_dict, name)

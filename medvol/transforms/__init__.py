@@ -1,25 +1,27 @@
-"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views)."""
+"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views, 2.5D slices)."""
 
-from medvol.transforms.augment import caid_distortion, flip_augmentation, intensity_augmentation
-from medvol.transforms.lesion import (
-    LesionBoxesd,
-    RandLesionSliceViewsd,
-    RandSolarize,
-    RandSolarized,
+from medvol.transforms.augment import (
+    caid_distortion,
+    flip_augmentation,
+    intensity_augmentation,
     lecl_view_augmentation,
-    lesion_boxes_from_mask,
 )
+from medvol.transforms.geometry import (
+    box_intersection,
+    box_iou,
+    cell_centres,
+    overlap_points,
+    roi_align_pair,
+    sample_at,
+    warp_to_view,
+)
+from medvol.transforms.intensity import RandSolarize, RandSolarized
+from medvol.transforms.lesion import RandLesionSliceViewsd
+from medvol.transforms.lesion_boxes import LesionBoxesd, as_lesion_boxes, lesion_boxes_from_mask
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset, slice_preset
 from medvol.transforms.save import RecordSourceGridd, SaveBagd, SaveEmbeddingd
-from medvol.transforms.slices import (
-    CT_WINDOWS,
-    RandSlice25D,
-    RandSlice25Dd,
-    VolumeToSlices,
-    VolumeToSlicesd,
-    slice_channels,
-)
+from medvol.transforms.slices import CT_WINDOWS, VolumeToSlices, VolumeToSlicesd, slice_channels
 from medvol.transforms.spacing import KeySafeSpacingd
 from medvol.transforms.validation import (
     CheckAlignedd,
@@ -29,4 +31,4 @@ from medvol.transforms.validation import (
     RejectConstantd,
     source_of,
 )
-from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd, box_iou, overlap_in_views
+from medvol.transforms.views import RandCropPair, RandCropPaird, RandPartitionCropd

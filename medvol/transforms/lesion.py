@@ -1,14 +1,11 @@
-"""Lesion-aware 2.5D view pairs for LeCL (CLEAR) pretraining, and their 2D intensity augmentation.
+"""Lesion-aware 2.5D view pairs for LeCL (CLEAR) pretraining.
 
 CLEAR (KatherLab/CLEAR, "lesion-enhanced contrastive learning") pairs, for a slice with a lesion, a crop around
 the lesion with the whole slice; other slices give two random-resized crops. This module does the same on 3D
-volumes: lesions come from a label mask (connected components, :func:`lesion_boxes_from_mask`) or from a CSV of
-boxes (DeepLesion style, :func:`medvol.io.load_lesion_boxes`); the crop is centred on the lesion *box centre* plus a
-bounded jitter (CLEAR's code centres it on the box corner ``(x1, y2)``, which we do not reproduce).
-
-Lesion boxes are float arrays ``(n, 6)``: ``[lesion_id, slice, x0, y0, x1, y1]``, in slice voxel coordinates
-of the volume grid (``x`` along the first in-plane axis, see :mod:`medvol.transforms.slices`), half-open.
-Rows sharing ``lesion_id`` are the cross-sections of one lesion.
+volumes: lesions come from a label mask or from precomputed lesion boxes (:mod:`medvol.transforms.lesion_boxes`,
+from a mask or a CSV); the crop is centred on the lesion *box centre* plus a bounded jitter (CLEAR's code
+centres it on the box corner ``(x1, y2)``, which we do not reproduce). The views' intensity augmentation is
+:func:`medvol.transforms.lecl_view_augmentation`.
 """
 
 from __future__ import annotations
@@ -19,23 +16,10 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    Identityd,
-    MapTransform,
-    OneOf,
-    RandFlipd,
-    RandGaussianSmoothd,
-    Randomizable,
-    RandomizableTransform,
-    RandScaleIntensityd,
-    RandScaleIntensityFixedMeand,
-    ScaleIntensityRanged,
-)
+from monai.transforms import MapTransform, Randomizable
 from monai.utils import TransformBackends
-from scipy import ndimage
 
+from medvol.transforms.lesion_boxes import as_lesion_boxes, lesion_boxes_from_mask
 from medvol.transforms.slices import (
     _as_volume,
     _check_int,
@@ -47,86 +31,7 @@ from medvol.transforms.slices import (
     slice_pad_value,
 )
 
-__all__ = [
-    "lesion_boxes_from_mask",
-    "LesionBoxesd",
-    "RandLesionSliceViewsd",
-    "RandSolarize",
-    "RandSolarized",
-    "lecl_view_augmentation",
-]
-
-
-def lesion_boxes_from_mask(mask, axis: int = 2, min_voxels: int = 1) -> np.ndarray:
-    """Per-slice boxes of the 3D connected components (26-connectivity) of ``mask > 0``.
-
-    Args:
-        mask: ``(X, Y, Z)`` or channel-first ``(C, X, Y, Z)`` (any channel > 0 is lesion).
-        axis: spatial axis sliced.
-        min_voxels: components smaller than this are ignored (specks).
-
-    Returns:
-        ``(n, 6)`` float64 rows ``[lesion_id, slice, x0, y0, x1, y1]`` (ids 0.. in component order).
-    """
-    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
-    m = (m > 0).any(0) if m.ndim == 4 else m > 0
-    if m.ndim != 3:
-        raise ValueError(f"mask must be (X, Y, Z) or (C, X, Y, Z), got shape {tuple(np.shape(mask))}.")
-    comps, _ = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(comps.ravel())
-    rows, lesion_id = [], 0
-    for cid, region in enumerate(ndimage.find_objects(comps), start=1):
-        if region is None or sizes[cid] < min_voxels:
-            continue
-        start = [s.start for s in region]
-        sub = np.moveaxis(comps[region] == cid, axis, 0)  # (slices, h, w) of this component
-        ox, oy = (start[i] for i in range(3) if i != axis)
-        for k, plane in enumerate(sub):
-            xs, ys = np.nonzero(plane.any(1))[0], np.nonzero(plane.any(0))[0]
-            if xs.size:
-                rows.append([lesion_id, start[axis] + k, ox + xs[0], oy + ys[0], ox + xs[-1] + 1, oy + ys[-1] + 1])
-        lesion_id += 1
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 6)
-
-
-class LesionBoxesd(MapTransform):
-    """Compute the lesion boxes of a mask once (deterministic, so ``CacheDataset`` can keep them).
-
-    Connected components cost ~0.05 s on a 120 x 126 x 164 mask and grow with the volume; run this before
-    :class:`RandLesionSliceViewsd` (``label_key=None, boxes_key=boxes_key``) instead of labelling every draw.
-
-    Args:
-        keys: the lesion mask key (one key; any voxel > 0 is lesion).
-        boxes_key: where the ``(n, 6)`` float64 boxes go.
-        axis, min_voxels: as in :func:`lesion_boxes_from_mask`.
-        remove_mask: delete the mask from the output (it is not needed once boxed).
-        allow_missing_keys: skip samples without a mask (they get no boxes: lesion-free).
-    """
-
-    def __init__(self, keys: KeysCollection = "label", boxes_key: str = "boxes", axis: int = 2, min_voxels: int = 1,
-                 remove_mask: bool = False, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(self.keys) != 1:
-            raise ValueError(f"LesionBoxesd takes one mask key, got {self.keys!r}.")
-        self.boxes_key, self.axis, self.remove_mask = boxes_key, axis, remove_mask
-        self.min_voxels = _check_int("min_voxels", min_voxels, 1)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.boxes_key] = lesion_boxes_from_mask(d[key], self.axis, self.min_voxels)
-            if self.remove_mask:
-                del d[key]
-        return d
-
-
-def _box_array(boxes) -> np.ndarray:
-    b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
-    if b.size == 0:
-        return np.zeros((0, 6))
-    if b.ndim != 2 or b.shape[1] not in (5, 6):
-        raise ValueError(f"boxes must be (n, 6) [lesion_id, slice, x0, y0, x1, y1] or (n, 5), got {b.shape}.")
-    return b if b.shape[1] == 6 else np.concatenate([np.arange(len(b))[:, None], b], 1)
+__all__ = ["RandLesionSliceViewsd"]
 
 
 class RandLesionSliceViewsd(Randomizable, MapTransform):
@@ -148,8 +53,8 @@ class RandLesionSliceViewsd(Randomizable, MapTransform):
     Args:
         keys: image volumes ``(C_in, X, Y, Z)`` on one grid (the same draw for all).
         label_key: lesion mask (any voxel > 0), or ``None``.
-        boxes_key: lesion boxes (see the module docstring; ``(n, 5)`` without ids also works), or ``None``;
-            used instead of ``label_key`` when present in the data.
+        boxes_key: lesion boxes (see :mod:`medvol.transforms.lesion_boxes`; ``(n, 5)`` without ids also works),
+            or ``None``; used instead of ``label_key`` when present in the data.
         lesion_prob: probability of a lesion pair when the volume has lesions.
         spatial_size: view size ``(H, W)``; ``None`` keeps each crop's own size (for inspection: views of
             different sizes do not batch).
@@ -203,7 +108,7 @@ class RandLesionSliceViewsd(Randomizable, MapTransform):
     def lesion_boxes(self, d: Mapping, shape: Sequence[int]) -> np.ndarray:
         """The ``(n, 6)`` lesion boxes of sample ``d`` whose image has spatial ``shape`` (X, Y, Z)."""
         if self.boxes_key is not None and self.boxes_key in d:
-            boxes = _box_array(d[self.boxes_key])
+            boxes = as_lesion_boxes(d[self.boxes_key])
         elif self.label_key is not None and self.label_key in d:
             label = _as_volume(d[self.label_key], str(self.label_key))
             if tuple(label.shape[1:]) != tuple(shape):
@@ -289,86 +194,3 @@ class RandLesionSliceViewsd(Randomizable, MapTransform):
             for k in (*keys, self.label_key, self.boxes_key):
                 d.pop(k, None)
         return d
-
-
-class RandSolarize(RandomizableTransform):
-    """With probability ``prob``, invert intensities at or above ``threshold``: ``v -> max_value - v``.
-
-    The float version of torchvision's ``RandomSolarize`` (BYOL / MoCo v3 apply it to one view), for
-    intensities in ``[0, max_value]``.
-    """
-
-    backend = [TransformBackends.TORCH]
-
-    def __init__(self, prob: float = 0.2, threshold: float = 0.5, max_value: float = 1.0) -> None:
-        RandomizableTransform.__init__(self, prob)
-        self.threshold, self.max_value = float(threshold), float(max_value)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        if randomize:
-            self.randomize(None)
-        if not self._do_transform:
-            return img
-        return torch.where(img >= self.threshold, self.max_value - img, img)
-
-
-class RandSolarized(RandomizableTransform, MapTransform):
-    """Dictionary version of :class:`RandSolarize` (one draw for all keys)."""
-
-    backend = RandSolarize.backend
-
-    def __init__(self, keys: KeysCollection, prob: float = 0.2, threshold: float = 0.5, max_value: float = 1.0,
-                 allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.solarize = RandSolarize(1.0, threshold, max_value)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            for key in self.key_iterator(d):
-                d[key] = self.solarize(d[key], randomize=False)
-        return d
-
-
-def lecl_view_augmentation(keys: Sequence[str] = ("image_v1", "image_v2"), asymmetric: bool = True,
-                           brightness: float = 0.4, contrast: float = 0.4, jitter_prob: float = 0.8,
-                           blur_sigma: tuple[float, float] = (0.1, 2.0), solarize_threshold: float = 0.5,
-                           flip_axis: int = 0, clip: tuple[float, float] | None = (0.0, 1.0)) -> Compose:
-    """CLEAR / MoCo v3 2D view augmentation, each view with its own random draws.
-
-    Per view: flip along ``flip_axis`` (p 0.5; 0 = the first in-plane axis, left-right on RAS axial slices),
-    with probability ``jitter_prob`` brightness ``v * U(1 - b, 1 + b)`` then contrast around the image mean
-    ``(v - m) * U(1 - c, 1 + c) + m`` (torchvision's ColorJitter; saturation/hue/grayscale do not apply to
-    intensity channels), clip to ``clip``, Gaussian blur (sigma per axis in ``blur_sigma`` pixels), solarize.
-    ``asymmetric`` (BYOL / MoCo v3): view 1 blur p 1.0, view 2 blur p 0.1 and solarize p 0.2; otherwise
-    (MoCo v2) blur p 0.5 and no solarize for every view. Views come out as plain tensors.
-
-    Args:
-        keys: the view keys (exactly two when ``asymmetric``).
-        clip: intensity range after jitter (windowed CT is in [0, 1]); ``None`` does not clip.
-
-    Raises:
-        ValueError: for ``asymmetric`` with a number of keys other than two, or probabilities outside [0, 1].
-    """
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    if asymmetric and len(keys) != 2:
-        raise ValueError(f"asymmetric augmentation needs exactly two view keys, got {keys!r}.")
-    if not 0.0 <= jitter_prob <= 1.0:
-        raise ValueError(f"jitter_prob must be in [0, 1], got {jitter_prob!r}.")
-    steps = []
-    for i, key in enumerate(keys):
-        blur_p, solarize_p = ((1.0, 0.0), (0.1, 0.2))[i] if asymmetric else (0.5, 0.0)
-        jitter = Compose([RandScaleIntensityd(key, factors=brightness, prob=1.0),
-                          RandScaleIntensityFixedMeand(key, factors=contrast, fixed_mean=True, prob=1.0)])
-        steps += [RandFlipd(key, prob=0.5, spatial_axis=flip_axis),
-                  OneOf([jitter, Identityd(key)], weights=[jitter_prob, 1.0 - jitter_prob])]
-        if clip is not None:
-            steps.append(ScaleIntensityRanged(key, a_min=clip[0], a_max=clip[1], b_min=clip[0], b_max=clip[1],
-                                              clip=True))
-        steps += [RandGaussianSmoothd(key, sigma_x=blur_sigma, sigma_y=blur_sigma, prob=blur_p),
-                  RandSolarized(key, prob=solarize_p, threshold=solarize_threshold,
-                                max_value=1.0 if clip is None else clip[1] + clip[0])]
-    steps.append(EnsureTyped(keys, data_type="tensor", track_meta=False))
-    return Compose(steps)

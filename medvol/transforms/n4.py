@@ -66,11 +66,15 @@ class N4BiasFieldCorrection(Transform):
         return_bias_field: also return the bias field ``exp(log_bias)`` (same shape and type as the image).
 
     Example:
-        >>> from monai.transforms import LoadImage
-        >>> img = LoadImage(ensure_channel_first=True)("sub01_T1.nii.gz")  # (1, X, Y, Z) MetaTensor
-        >>> corrected, bias = N4BiasFieldCorrection(num_threads=2, return_bias_field=True)(img)
-        >>> corrected.affine is not None, corrected.dtype
-        (True, torch.float32)
+        >>> import torch
+        >>> from monai.data import MetaTensor
+        >>> gain = torch.linspace(0.5, 1.5, 32).reshape(1, 32, 1, 1)  # a smooth bias along the first axis
+        >>> img = MetaTensor(100.0 * gain * torch.ones(1, 32, 32, 32), affine=torch.diag(torch.tensor([2.0, 2, 2, 1])))
+        >>> corrected, bias = N4BiasFieldCorrection(num_threads=1, return_bias_field=True)(img)
+        >>> corrected.affine is not None, corrected.dtype, bias.shape
+        (True, torch.float32, torch.Size([1, 32, 32, 32]))
+        >>> bool(corrected.std() / corrected.mean() < img.std() / img.mean())  # flatter than the input
+        True
     """
 
     backend = [TransformBackends.NUMPY]
@@ -212,8 +216,11 @@ class N4BiasFieldCorrectiond(MapTransform):
         allow_missing_keys: don't raise if a key is missing.
 
     Example:
-        >>> t = N4BiasFieldCorrectiond("image", mask_key="brain", return_bias_field=True)
-        >>> out = t({"image": img, "brain": brain_mask})
+        >>> import torch
+        >>> from monai.data import MetaTensor
+        >>> img = MetaTensor(torch.linspace(50.0, 150.0, 32).reshape(1, 32, 1, 1).expand(1, 32, 32, 32))
+        >>> t = N4BiasFieldCorrectiond("image", mask_key="brain", num_threads=1, return_bias_field=True)
+        >>> out = t({"image": img, "brain": img > 60})
         >>> sorted(out)
         ['brain', 'image', 'image_bias_field']
     """

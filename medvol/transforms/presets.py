@@ -7,10 +7,13 @@ foreground crop -> centre pad/crop to ``size``. Labels follow every spatial step
 
 Example:
     >>> from medvol.transforms import mri_preset
-    >>> pre = mri_preset(spacing=(1.0, 1.0, 1.0), size=(48, 64, 48))
-    >>> out = pre({"image": "demo_data/hippocampus/imagesTr/hippocampus_004.nii.gz"})  # doctest: +SKIP
-    >>> out["image"].shape  # doctest: +SKIP
-    torch.Size([1, 48, 64, 48])
+    >>> pre = mri_preset(spacing=(1.0, 1.0, 1.0), size=(48, 64, 48))  # then pre({"image": "case.nii.gz"})
+    >>> import torch
+    >>> from monai.data import MetaTensor
+    >>> mri = MetaTensor(1000 * torch.rand(1, 40, 50, 40), affine=torch.diag(torch.tensor([1.5, 1.5, 1.5, 1])))
+    >>> out = mri_preset(keys=("image",), spacing=(1.0, 1.0, 1.0), size=(48, 64, 48), load=False)({"image": mri})
+    >>> out["image"].shape, float(out["image"].min()), float(out["image"].max())
+    (torch.Size([1, 48, 64, 48]), 0.0, 1.0)
 """
 
 from __future__ import annotations

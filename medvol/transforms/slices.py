@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, Transform
+from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends
 
 from medvol.errors import ConfigError
@@ -43,8 +43,6 @@ __all__ = [
     "crop_resize",
     "VolumeToSlices",
     "VolumeToSlicesd",
-    "RandSlice25D",
-    "RandSlice25Dd",
 ]
 
 # (low HU, high HU) = (level - width / 2, level + width / 2)
@@ -200,9 +198,11 @@ class VolumeToSlices(Transform):
         ValueError: for bad arguments, or an input that is not a channel-first 3D volume.
 
     Example:
-        >>> stack, z = VolumeToSlices(windows=["lung", "soft_tissue", "bone"], return_index=True)(ct)  # doctest: +SKIP
-        >>> stack.shape  # doctest: +SKIP
-        torch.Size([30, 9, 224, 224])
+        >>> ct = torch.full((1, 122, 101, 30), -1000.0)  # (C, X, Y, Z) in HU: air around a soft-tissue block
+        >>> ct[:, 20:100, 20:80] = 40.0
+        >>> stack, z = VolumeToSlices(windows=["lung", "soft_tissue", "bone"], return_index=True)(ct)
+        >>> stack.shape, z[:3].tolist()  # 3 windows x (1 + 2 context slices) = 9 channels
+        (torch.Size([30, 9, 224, 224]), [0, 1, 2])
     """
 
     backend = [TransformBackends.TORCH]
@@ -282,99 +282,6 @@ class VolumeToSlicesd(MapTransform):
             d[key], pos = self.slicers[key](d[key], pos)
         if pos is not None:
             d[self.slice_index_key] = pos
-        return d
-
-
-class RandSlice25D(Randomizable, Transform):
-    """One 2.5D sample ``(C, H, W)`` from a random slice of a ``(C_in, X, Y, Z)`` volume (pretraining).
-
-    The slice is drawn uniformly from ``self.R`` in :meth:`randomize`; the last draw is ``self.slice_index``.
-
-    Args:
-        skip_empty_threshold: draw only among slices whose centre slice has a voxel above this raw value
-            (all slices when none has); ``None`` draws among all slices.
-        other arguments: as in :class:`VolumeToSlices`.
-    """
-
-    backend = [TransformBackends.TORCH]
-
-    def __init__(self, axis: int = 2, context: int = 1, windows=None, spatial_size: Sequence[int] | None = (224, 224),
-                 skip_empty_threshold: float | None = None, keep_aspect: bool = True) -> None:
-        self.slicer = VolumeToSlices(axis, context, windows, spatial_size, 1, skip_empty_threshold, keep_aspect)
-        self.slice_index: int | None = None
-
-    def randomize(self, data) -> None:
-        candidates = self.slicer.positions(data)
-        if candidates.numel() == 0:
-            candidates = torch.arange(_as_volume(data).shape[self.slicer.axis + 1])
-        self.slice_index = int(candidates[self.R.randint(candidates.numel())])
-
-    def __call__(self, img, randomize: bool = True) -> torch.Tensor:
-        """The sample of a new random slice, or of the last drawn one when ``randomize=False``."""
-        if randomize or self.slice_index is None:
-            self.randomize(img)
-        return self.slicer(img, [self.slice_index])[0]
-
-
-class RandSlice25Dd(Randomizable, MapTransform):
-    """Dictionary version of :class:`RandSlice25D`: one draw for all ``keys`` and ``label_keys``.
-
-    Image keys get the 2.5D sample ``(C, H, W)``; label keys get their centre slice only (no context, no
-    windows, nearest resize, padded with 0) ``(C_label, H, W)``; ``slice_index_key`` gets the slice position.
-
-    Args:
-        keys: image volumes (the first present one drives the draw).
-        label_keys: volumes on the same grid sliced identically (e.g. ``"label"``); ``None`` for none.
-        slice_index_key: where the drawn position (0-dim long tensor) goes.
-        other arguments: as in :class:`RandSlice25D`.
-        allow_missing_keys: skip absent keys.
-
-    Raises:
-        ValueError: when a label's shape does not match the image's spatial shape.
-    """
-
-    backend = RandSlice25D.backend
-
-    def __init__(self, keys: KeysCollection, label_keys: KeysCollection | None = None, axis: int = 2,
-                 context: int = 1, windows=None, spatial_size: Sequence[int] | None = (224, 224),
-                 skip_empty_threshold: float | None = None, keep_aspect: bool = True,
-                 slice_index_key: str = "slice_index", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.label_keys = () if label_keys is None else ((label_keys,) if isinstance(label_keys, str)
-                                                         else tuple(label_keys))
-        self.sampler = RandSlice25D(axis, context, windows, spatial_size, skip_empty_threshold, keep_aspect)
-        self.label_slicer = VolumeToSlices(axis, 0, None, spatial_size, keep_aspect=keep_aspect, mode="nearest")
-        self.slice_index_key = slice_index_key
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.sampler.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data) -> None:
-        self.sampler.randomize(data)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        ref = _as_volume(d[keys[0]], str(keys[0]))
-        self.randomize(ref)
-        z = self.sampler.slice_index
-        for key in keys:
-            d[key] = self.sampler(d[key], randomize=False)
-        for key in self.label_keys:
-            if key not in d:
-                if self.allow_missing_keys:
-                    continue
-                raise KeyError(f"label key {key!r} is not in the data (set allow_missing_keys=True to skip it).")
-            lab = _as_volume(d[key], str(key))
-            if lab.shape[1:] != ref.shape[1:]:
-                raise ValueError(f"{key!r} has spatial shape {tuple(lab.shape[1:])}, but {keys[0]!r} has "
-                                 f"{tuple(ref.shape[1:])}; they must share the voxel grid.")
-            d[key] = self.label_slicer(lab, [z])[0]
-        d[self.slice_index_key] = torch.tensor(z)
         return d
 
 

@@ -10,11 +10,13 @@ dictionaries (``image_meta_dict``) are still updated as ``Spacingd`` does, and t
 ``Spacingd``'s own.
 
 Example:
+    >>> import torch
+    >>> from monai.data import MetaTensor
     >>> from medvol.transforms import KeySafeSpacingd
     >>> t = KeySafeSpacingd("image", pixdim=(2.0, 2.0, 2.0))
-    >>> out = t({"image": image, "image_path": "/data/case_001.nii.gz"})  # doctest: +SKIP
-    >>> out["image_path"]  # doctest: +SKIP
-    '/data/case_001.nii.gz'
+    >>> out = t({"image": MetaTensor(torch.rand(1, 8, 8, 8)), "image_path": "/data/case_001.nii.gz"})  # 1 mm
+    >>> out["image"].shape, out["image_path"]
+    (torch.Size([1, 4, 4, 4]), '/data/case_001.nii.gz')
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - :class:`RandCropPair` / :class:`RandCropPaird`: two random sub-volumes (random size per axis, optional
   minimum IoU between them), each resized to ``roi_size``, with their boxes in source voxel coordinates, so
-  losses can align the overlap of the two views (:func:`overlap_in_views`).
+  losses can align the overlap of the two views (:mod:`medvol.transforms.geometry`).
 - :class:`RandPartitionCropd`: one crop per slice partition (equal parts along an axis) with its partition
   index and normalised position, so positives can be the same partition of different volumes (Chaitanya et
   al. 2020, G^D strategy).
@@ -20,35 +20,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["box_iou", "overlap_in_views", "RandCropPair", "RandCropPaird", "RandPartitionCropd"]
+from medvol.transforms.geometry import box_iou
 
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boxes given as (2, D) arrays [[start...], [end...]] (end exclusive)."""
-    inter = np.clip(np.minimum(a[1], b[1]) - np.maximum(a[0], b[0]), 0, None).prod()
-    union = (a[1] - a[0]).prod() + (b[1] - b[0]).prod() - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def overlap_in_views(box1, box2, roi_size: Sequence[int]):
-    """The common region of two crops, as a slice range in each view's resized grid.
-
-    Args:
-        box1, box2: (2, D) boxes in source voxels (as produced by :class:`RandCropPair`).
-        roi_size: the size both views were resized to.
-
-    Returns:
-        ``(starts1, ends1, starts2, ends2)`` float arrays in view voxel coordinates, or ``None`` when the crops
-        do not overlap. Use them with ``torch.nn.functional.grid_sample``/``roi_align`` style pooling to
-        compare features of the same anatomy in both views.
-    """
-    box1, box2 = np.asarray(box1, dtype=np.float64), np.asarray(box2, dtype=np.float64)
-    lo, hi = np.maximum(box1[0], box2[0]), np.minimum(box1[1], box2[1])
-    if np.any(hi <= lo):
-        return None
-    roi = np.asarray(roi_size, dtype=np.float64)
-    scale1, scale2 = roi / (box1[1] - box1[0]), roi / (box2[1] - box2[0])
-    return (lo - box1[0]) * scale1, (hi - box1[0]) * scale1, (lo - box2[0]) * scale2, (hi - box2[0]) * scale2
+__all__ = ["RandCropPair", "RandCropPaird", "RandPartitionCropd"]
 
 
 def _plain(img) -> torch.Tensor:
