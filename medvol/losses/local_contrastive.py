@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.utils import check_reduction, check_temperature, no_autocast, reduce_loss
+from medvol.losses.utils import check_reduction, check_same_shape, check_temperature, no_autocast, reduce_loss
 
 __all__ = ["LocalContrastiveLoss"]
 
@@ -120,12 +120,7 @@ class LocalContrastiveLoss(_Loss):
             ValueError: if the shapes differ, the dimensionality does not match ``grid_size``, or the map is
                 too small for the grid.
         """
-        for name, x in (("input", input), ("target", target)):
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}.")
-        if input.shape != target.shape:
-            raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
-                             f"{tuple(target.shape)}.")
+        check_same_shape(input, target)
         if input.ndim < 3:
             raise ValueError(f"input must have shape (B, C, *spatial), got {tuple(input.shape)}.")
         nd = input.ndim - 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from medvol.losses.utils import check_reduction, no_autocast
+from medvol.losses.utils import check_reduction, check_same_shape, no_autocast
 
 __all__ = ["RestorationLoss"]
 
@@ -59,12 +59,7 @@ class RestorationLoss(_Loss):
             TypeError: if ``input``/``target`` are not floating-point tensors or ``mask`` is not a tensor.
             ValueError: if ``target`` does not match ``input``'s shape or ``mask`` does not broadcast to it.
         """
-        for name, x in (("input", input), ("target", target)):
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}.")
-        if input.shape != target.shape:
-            raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
-                             f"{tuple(target.shape)}.")
+        check_same_shape(input, target)
         with no_autocast(input):
             diff = input.float() - target.to(input.device).float()
             err = diff.square() if self.loss == "mse" else diff.abs()  # input's shape

@@ -11,7 +11,15 @@ import numbers
 
 import torch
 
-__all__ = ["REDUCTIONS", "check_temperature", "check_reduction", "check_embeddings", "no_autocast", "reduce_loss"]
+__all__ = [
+    "REDUCTIONS",
+    "check_temperature",
+    "check_reduction",
+    "check_embeddings",
+    "check_same_shape",
+    "no_autocast",
+    "reduce_loss",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,6 +63,21 @@ def check_embeddings(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}.")
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got {tuple(x.shape)}.")
+
+
+def check_same_shape(input: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise unless ``input`` and ``target`` are floating-point tensors of one shape (dense losses).
+
+    Raises:
+        TypeError: if either is not a floating-point tensor.
+        ValueError: if their shapes differ.
+    """
+    for name, x in (("input", input), ("target", target)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}.")
+    if input.shape != target.shape:
+        raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
+                         f"{tuple(target.shape)}.")
 
 
 def no_autocast(x: torch.Tensor):
