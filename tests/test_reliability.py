@@ -186,6 +186,40 @@ def test_read_only_output_folder_is_one_line_exit_2(demo_dir, tmp_path, where):
     assert not list(locked.iterdir())
 
 
+def test_disk_full_fails_the_input_or_stops_with_one_line(demo_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import medvol.apps.preprocess
+    import medvol.io.manifest
+
+    src = tmp_path / "in"
+    images = copy_hippo(demo_dir, src, 2)
+    real_save = medvol.apps.preprocess.save_nifti
+
+    def full_disk(array, affine, path, dtype=None):
+        if Path(path).name == images[0].name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(array, affine, path, dtype=dtype)
+
+    monkeypatch.setattr(medvol.apps.preprocess, "save_nifti", full_disk)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(src), str(out), "--preset", "mri"]) == 1
+    rows = _manifest(out)
+    assert rows[str(images[0])]["error"] == f"{images[0]}: cannot write or read {out / images[0].name}: No space " \
+                                            "left on device"
+    assert rows[str(images[1])]["status"] == "ok"
+
+    def no_manifest(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(medvol.io.manifest.Manifest, "write", no_manifest)
+    capsys.readouterr()
+    assert main(["preprocess", str(src), str(tmp_path / "out2"), "--preset", "mri"]) == 2
+    manifest = tmp_path / "out2" / "manifest.csv"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"medvol preprocess: error: cannot read or write {manifest}: "
+                                                        "No space left on device")
+
+
 # ---- --debug, and errors that are medvol's own ------------------------------------------------------------
 
 
@@ -422,3 +456,64 @@ def test_bundle_checks_its_datalist_up_front(hippo6, demo_dir, tmp_path):
     with open(tmp_path / "skip" / "bad_inputs.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert (tmp_path / "skip" / "models" / "model.pt").is_file()
+
+
+# ---- faults the issue found handled already: kept handled ---------------------------------------------------
+
+
+def test_metaimage_without_its_raw_file_fails_alone(demo_dir, tmp_path):
+    import SimpleITK as sitk
+
+    src = tmp_path / "in"
+    good = copy_hippo(demo_dir, src, 1)[0]
+    header = src / "orphan.mhd"
+    sitk.WriteImage(sitk.ReadImage(str(good)), str(header))
+    (src / "orphan.raw").unlink()
+    for call in (lambda: LoadVolume()(str(header)), lambda: check_volume(header)):
+        with pytest.raises(DataError) as err:
+            call()
+        assert str(err.value).startswith(f"{header}: ") and "\n" not in str(err.value)
+    assert main(["preprocess", str(src), str(tmp_path / "out"), "--preset", "mri"]) == 1
+    rows = _manifest(tmp_path / "out")
+    assert rows[str(header)]["status"] == "failed" and rows[str(good)]["status"] == "ok"
+
+
+def test_unreadable_input_file_fails_alone(demo_dir, tmp_path):
+    src = tmp_path / "in"
+    good, locked = copy_hippo(demo_dir, src, 2)
+    locked.chmod(0o000)
+    try:
+        proc = _as_user(["preprocess", str(src), str(tmp_path / "out"), "--preset", "mri"])
+    finally:
+        locked.chmod(0o644)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = _manifest(tmp_path / "out")
+    assert rows[str(good)]["status"] == "ok"
+    assert rows[str(locked)]["error"].startswith(f"{locked}: ") and "Permission denied" in rows[str(locked)]["error"]
+
+
+class CrashOn:
+    """A batch processor that kills its worker process (as a segfault in a native reader would) on one input."""
+
+    def __init__(self, victim: str):
+        self.victim = victim
+
+    def __call__(self, job):
+        if job.source == self.victim:
+            os._exit(139)
+        from medvol.io.atomic import atomic_write_text
+
+        atomic_write_text(job.outputs["output"], job.source)
+        return {}
+
+
+@pytest.mark.slow
+def test_a_crashing_worker_fails_only_its_input(tmp_path):
+    from medvol.engines.batch import Job, run_batch
+
+    jobs = [Job(source=f"case{i}", item={}, outputs={"output": tmp_path / f"case{i}.txt"}) for i in range(4)]
+    result = run_batch(jobs, CrashOn("case1"), tmp_path / "manifest.csv", workers=2, threads=1)
+    rows = _manifest(tmp_path)
+    assert result.counts == {"ok": 3, "failed": 1, "skipped": 0}
+    assert rows["case1"]["error"] == "case1: worker process crashed while processing this input"
+    assert all(rows[f"case{i}"]["status"] == "ok" for i in (0, 2, 3))
