@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, HIPPO_IMAGE, REPO_ROOT, bundle_cli, copy_hippo, make_bad_inputs
+from conftest import BUNDLES_DIR, HIPPO_IMAGE, REPO_ROOT, copy_hippo, make_bad_inputs
 
 from medvol.apps.cli import main
 from medvol.engines.config import (
@@ -40,11 +40,17 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.nii.gz"))}
 
 
-def _medvol(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """``python -m medvol ARGS`` as a user runs it (this tree on PYTHONPATH, output captured)."""
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root with this tree on PYTHONPATH, output captured as UTF-8 (progress bars
+    print block characters; the locale of a test worker may have been reset to ASCII by a native library)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "medvol", *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO_ROOT, env=env, **kwargs)
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO_ROOT,
+                          env=env, **kwargs)
+
+
+def _medvol(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``python -m medvol ARGS`` as a user runs it."""
+    return _run([sys.executable, "-m", "medvol", *args], **kwargs)
 
 
 # ---- 1. a symbolic link loop in the input folder ------------------------------------------------------------
@@ -392,7 +398,7 @@ def _caid(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
             "--val_fraction", "0.2", "--pad_size", "[32,48,32]", "--roi_size", "[16,16,16]",
             "--backbone_options#unet#channels", "[4,8,16]", "--method#queue_size", "16", "--method#hidden_dim", "16",
             *extra]
-    return bundle_cli(args, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    return _run([sys.executable, "-m", "monai.bundle", "run", *args])
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
