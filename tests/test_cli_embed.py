@@ -266,3 +266,58 @@ def test_sagittally_stored_ixi_maps_axial_slices_to_stored_axis_1(shared_data, c
         np.testing.assert_array_equal(np.sort(ras[:, :, k], axis=None),
                                       np.sort(np.take(stored, bag.slice_index[k], axis=1), axis=None))
     np.testing.assert_allclose(bag.spacing, (2.0, 2.0, 2.0), rtol=1e-5)
+
+
+def test_odd_inputs_fail_alone(demo_dir, checkpoint, tmp_path):
+    """A symbolic link loop and a CSV row whose series UID is a path each fail alone; no bag lands outside OUTPUT."""
+    data = tmp_path / "data"
+    good = copy_hippo(demo_dir, data, 1)[0]
+    series = Path(shutil.copytree(demo_dir / "dicom" / "hippocampus_study1", data / "series"))
+    (data / "a.nii.gz").symlink_to("b.nii.gz")
+    (data / "b.nii.gz").symlink_to("a.nii.gz")
+    rows = [str(good), f"{series}#../../../escaped", str(data / "a.nii.gz"), str(series)]
+    (tmp_path / "list.csv").write_text("image\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "deep" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    assert _embed(tmp_path / "list.csv", out, checkpoint) == 1
+    manifest = _manifest(out)
+    assert manifest[str(good)]["status"] == "ok" and manifest[str(series)]["status"] == "ok"
+    bad_uid = manifest[f"{series}#../../../escaped"]
+    assert bad_uid["status"] == "failed"
+    assert bad_uid["error"] == f"{series}#../../../escaped: '../../../escaped' after '#' is not a DICOM Series " \
+                               "Instance UID (digits and dots)"
+    assert manifest[str(data / "a.nii.gz")]["error"] == f"{data / 'a.nii.gz'}: symbolic link loop (-> b.nii.gz)"
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert all(out in p.parents or p in (out, out.parent) for p in new), sorted(new)  # nothing outside OUTPUT
+
+
+def test_resume_redoes_a_damaged_bag(demo_dir, checkpoint, tmp_path, capsys):
+    src = tmp_path / "in"
+    copy_hippo(demo_dir, src, 2)
+    out = tmp_path / "out"
+    assert _embed(src, out, checkpoint) == 0
+    first = _bags(out)
+    rows = _manifest(out)
+    bags = sorted(out.glob("*.h5"))
+    assert all(int(r["output_bytes"]) == Path(r["output"]).stat().st_size for r in rows.values())
+    data = bags[0].read_bytes()
+    bags[0].write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert _embed(src, out, checkpoint) == 0
+    statuses = {Path(r["output"]).name: r["status"] for r in _manifest(out).values()}
+    assert statuses == {bags[0].name: "ok", bags[1].name: "skipped"}
+    assert "existing output not trusted" in capsys.readouterr().err
+    again = _bags(out)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("content", [b"", b"patient notes, not a checkpoint\n" * 40, "half"])
+def test_unreadable_checkpoint_is_one_short_line(demo_dir, checkpoint, tmp_path, capsys, content):
+    src = tmp_path / "in"
+    copy_hippo(demo_dir, src, 1)
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2] if content == "half" else content)
+    assert _embed(src, tmp_path / "out", bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 250, err
+    assert err.startswith(f"medvol embed: error: checkpoint {bad}: ")

@@ -254,7 +254,7 @@ def test_load_pretrained_errors_name_the_file(tmp_path, caplog):
         load_pretrained(dst, path)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match=r"bad\.pt: cannot be read"):
+    with pytest.raises(DataError, match=r"bad\.pt: not a torch checkpoint \(the file starts with .not a checkpoint"):
         load_pretrained(dst, bad)
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         load_pretrained(dst, tmp_path / "absent.pt")

@@ -1,12 +1,16 @@
 """The ``medvol`` command line (also ``python -m medvol``).
 
-Exit codes: 0 = everything succeeded, 1 = some inputs failed (see the manifest), 2 = usage error.
+Exit codes: 0 = everything succeeded, 1 = some inputs failed (see the manifest), 2 = usage error (including an
+output folder that cannot be created or written), 3 = medvol itself failed (a bug: ``--debug`` shows the
+traceback). Every error is one line on stderr; ``--debug`` adds the traceback (also of each failed input).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from medvol import __version__
@@ -14,7 +18,7 @@ from medvol.errors import ConfigError, DataError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class UsageError(ConfigError):
@@ -47,7 +51,21 @@ def _add_preprocess(sub):
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="redo volumes whose outputs exist")
     p.add_argument("--qc", action="store_true", help="also write OUTPUT/qc.png (mid-slices of a few outputs)")
+    _add_gantry_tilt(p)
+    _add_debug(p)
     p.set_defaults(func=cmd_preprocess)
+
+
+def _add_gantry_tilt(p) -> None:
+    p.add_argument("--gantry-tilt", choices=("resample", "fail"), default=None,
+                   help="gantry-tilted DICOM CT: resample onto an orthogonal grid (default, as dcm2niix) or fail "
+                   "that input (see docs/reliability.md)")
+
+
+def _add_debug(p) -> None:
+    # SUPPRESS: without the flag the sub-command leaves the value of `medvol --debug CMD` alone
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print tracebacks (of the run and of every failed input) besides the one-line errors")
 
 
 def _check_io_folders(input_path: Path, output: Path) -> None:
@@ -59,6 +77,23 @@ def _check_io_folders(input_path: Path, output: Path) -> None:
     out = output.resolve()
     if root is not None and (out == root or root in out.parents):
         raise UsageError(f"output {output} is inside input {input_path}: choose a folder outside the input")
+
+
+def _datalist_options(source: Path, allow_unlabeled: bool) -> dict:
+    """``load_datalist`` options of a batch command: a listed file that is missing fails alone (in the manifest)."""
+    if source.is_dir():
+        return {"allow_unlabeled": True} if allow_unlabeled else {}
+    return {"missing_ok": True} if source.suffix.lower() in (".csv", ".json") else {}
+
+
+def _prepare_output(output: Path) -> None:
+    """Create ``output`` and check that files can be written in it (before any input is processed)."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output, prefix=".medvol-write-check."):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {output} is not writable ({e.strerror or e})") from None
 
 
 def cmd_preprocess(args) -> int:
@@ -82,13 +117,13 @@ def cmd_preprocess(args) -> int:
         get_preset(args.preset, **kwargs)  # validate arguments before touching any file
     except ValueError as e:
         raise UsageError(str(e)) from None
-    extra = {"allow_unlabeled": True} if args.allow_unlabeled and args.input.is_dir() else {}
     try:
-        datalist = load_datalist(args.input, **extra)
+        datalist = load_datalist(args.input, **_datalist_options(args.input, args.allow_unlabeled))
     except DataError as e:
         raise UsageError(str(e)) from None
     root = args.input if args.input.is_dir() else args.input.parent
-    args.output.mkdir(parents=True, exist_ok=True)
+    _prepare_output(args.output)
+    _set_gantry_tilt(args)
     jobs = build_jobs(datalist, root, args.output)
     result = run_batch(jobs, PreprocessProcessor(args.preset, **kwargs), args.output / "manifest.csv",
                        workers=args.workers, overwrite=args.overwrite, desc=f"preprocess ({args.preset})")
@@ -149,7 +184,16 @@ def _add_embed(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inference.json id (value parsed as JSON when it can be), e.g. "
                    "--set spatial_size=128 --set encoder=resnet18; repeatable; use the values used in training")
+    _add_gantry_tilt(p)
+    _add_debug(p)
     p.set_defaults(func=cmd_embed)
+
+
+def _set_gantry_tilt(args) -> None:
+    from medvol.io.dicom import GANTRY_TILT_ENV
+
+    if getattr(args, "gantry_tilt", None):
+        os.environ[GANTRY_TILT_ENV] = args.gantry_tilt  # read by the DICOM reader, also in worker processes
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -168,8 +212,6 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_embed(args) -> int:
-    import os
-
     from medvol.engines.batch import dist_context, run_batch
     from medvol.engines.embedding import EmbedProcessor, build_embed_jobs, default_checkpoint
     from medvol.io.datalist import load_datalist
@@ -202,10 +244,11 @@ def cmd_embed(args) -> int:
     if args.workers > 1:
         processor.release()
     try:
-        datalist = load_datalist(args.input, **({"allow_unlabeled": True} if args.input.is_dir() else {}))
+        datalist = load_datalist(args.input, **_datalist_options(args.input, allow_unlabeled=True))
     except DataError as e:
         raise UsageError(str(e)) from None
-    args.output.mkdir(parents=True, exist_ok=True)
+    _prepare_output(args.output)
+    _set_gantry_tilt(args)
     jobs = build_embed_jobs(datalist, args.output)
     result = run_batch(jobs, processor, args.output / "manifest.csv", workers=args.workers,
                        overwrite=args.overwrite, desc="embed")
@@ -240,6 +283,7 @@ def _add_monailabel_app(sub):
     p.add_argument("--host", default="127.0.0.1", help="host in the printed command line (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port in the printed command line (default 8000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing APP/model/NAME/")
+    _add_debug(p)
     p.set_defaults(func=cmd_monailabel_app)
 
 
@@ -266,6 +310,7 @@ def _add_demo(sub):
     p.add_argument("--output", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
     p.add_argument("--data", type=Path, default=None, help="demo data folder (default: the repository's demo_data)")
     p.add_argument("--no-train", action="store_true", help="only preprocess (skip pretraining and fine-tuning)")
+    _add_debug(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -279,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvol", description="MONAI-native self-supervised learning for 3D CT and MRI.")
     parser.add_argument("--version", action="version", version=f"medvol {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks besides the one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_preprocess(sub)
     _add_embed(sub)
@@ -293,15 +339,44 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from medvol.engines.batch import DEBUG_ENV, one_line
+    from medvol.io.dicom import GANTRY_TILT_ENV
+
+    debug = bool(getattr(args, "debug", False))
+    saved_env = {key: os.environ.get(key) for key in (DEBUG_ENV, GANTRY_TILT_ENV)}  # main() may run in-process
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # worker processes print the tracebacks of failed inputs too
     try:
         return args.func(args)
     except UsageError as e:
-        print(f"medvol {args.command}: error: {e}", file=sys.stderr)
+        _report(args, f"error: {e}", debug)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"medvol {args.command}: interrupted; finished outputs are kept, run again to resume",
               file=sys.stderr)
         return 130
+    except OSError as e:  # the output disappeared, filled up or became read-only during the run
+        where = f" {e.filename}" if e.filename else ""
+        _report(args, f"error: cannot read or write{where}: {e.strerror or one_line(e)}", debug)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a bug in medvol: one line, the traceback with --debug
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        _report(args, f"internal error: {type(e).__name__}: {one_line(e)}{hint}", debug)
+        return EXIT_INTERNAL
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _report(args, message: str, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    print(f"medvol {args.command}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvol.errors import ConfigError
+from medvol.errors import ConfigError, DataError
+from medvol.io.checkpoint import read_checkpoint
 
 __all__ = ["MonaiLabelApp", "prepare_app", "find_sample_app", "SAMPLE_APP"]
 
@@ -117,7 +118,6 @@ def _apply_overrides(configs_dir: Path, overrides: Mapping) -> None:
 
 def _check_checkpoint(bundle_dir: Path, checkpoint: Path) -> None:
     """Load the checkpoint into inference.json's ``network_def`` exactly as MONAI Label does, but strictly."""
-    import torch
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -128,9 +128,9 @@ def _check_checkpoint(bundle_dir: Path, checkpoint: Path) -> None:
     except Exception as e:  # noqa: BLE001 - any config problem is reported in one line
         raise ConfigError(f"network_def of {bundle_dir}/configs/inference.json cannot be built: {e}") from None
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {checkpoint} is not a weights-only state dict: {e}") from None
+        state = read_checkpoint(checkpoint, mapping=False)
+    except DataError as e:
+        raise ConfigError(f"checkpoint {e}") from None
     state = state.get("model", state) if isinstance(state, Mapping) else state
     try:
         network.load_state_dict(state, strict=True)

@@ -2,7 +2,9 @@
 
 Outputs mirror the input tree: ``INPUT/a/b/case.nrrd`` -> ``OUTPUT/a/b/case.nii.gz``, a DICOM series folder
 ``INPUT/s1`` -> ``OUTPUT/s1.nii.gz``; labels (paired by the datalist) go to their own mirrored path and the
-manifest's ``label_output`` column.
+manifest's ``label_output`` column. Paths are mirrored as given (symbolic links are not followed, so a link
+loop fails its own input when it is read, not the run); an input whose output name cannot be formed (e.g. a
+CSV row ``folder#../../x``) fails alone, and no output is ever placed outside ``OUTPUT``.
 """
 
 from __future__ import annotations
@@ -13,22 +15,34 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvol.engines.batch import Job
+from medvol.engines.batch import Job, is_inside, one_line
+from medvol.errors import DataError
 from medvol.io.atomic import save_nifti
 from medvol.io.datalist import case_name
-from medvol.io.dicom import split_series_ref
-from medvol.io.readers import volume_suffix
+from medvol.io.dicom import is_series_uid, split_series_ref
+from medvol.io.readers import LoadVolume, volume_suffix
 
 __all__ = ["output_relpath", "build_jobs", "PreprocessProcessor", "describe_nifti"]
 
 
 def output_relpath(source: str, root: Path) -> Path:
-    """Output path (relative) of ``source`` below ``root``, with a ``.nii.gz`` suffix."""
+    """Output path (relative) of ``source`` below ``root``, with a ``.nii.gz`` suffix.
+
+    The path is taken as given (absolute, normalised, symbolic links not followed); a source outside ``root``
+    (or ``root`` itself, a DICOM folder given as INPUT) keeps only its name.
+
+    Raises:
+        DataError: when the series UID of ``FOLDER#UID`` is not a UID (e.g. ``../../x``).
+    """
     folder, uid = split_series_ref(source)
-    path = Path(folder)
+    if uid is not None and not is_series_uid(uid):
+        raise DataError(source, f"'{uid}' after '#' is not a DICOM Series Instance UID (digits and dots)")
+    path = Path(os.path.abspath(folder))
     try:
-        rel = path.resolve().relative_to(root.resolve())
+        rel = path.relative_to(os.path.abspath(root))
     except ValueError:
+        rel = Path(path.name)
+    if not rel.name:  # the source is root itself
         rel = Path(path.name)
     name = rel.name
     suffix = volume_suffix(name)
@@ -39,12 +53,21 @@ def output_relpath(source: str, root: Path) -> Path:
 
 
 def build_jobs(datalist: list[dict], root: Path, output_dir: Path) -> list[Job]:
-    """One job per datalist entry; entries whose output paths collide are failed up front (both named)."""
+    """One job per datalist entry; entries whose output paths collide are failed up front (both named), and so
+    are entries whose output path cannot be formed or would leave ``output_dir`` (the reason names the file)."""
     jobs, owners = [], {}
     for item in datalist:
-        outputs = {"output": output_dir / output_relpath(item["image"], root)}
-        if item.get("label"):
-            outputs["label_output"] = output_dir / output_relpath(item["label"], root)
+        try:
+            outputs = {"output": output_dir / output_relpath(item["image"], root)}
+            if item.get("label"):
+                outputs["label_output"] = output_dir / output_relpath(item["label"], root)
+            for path in outputs.values():
+                if not is_inside(path, output_dir):
+                    raise DataError(item["image"], f"its output {path} would lie outside {output_dir}")
+        except Exception as e:  # noqa: BLE001 - one odd entry fails alone; the run goes on
+            error = str(e) if isinstance(e, DataError) else f"{item['image']}: {type(e).__name__}: {one_line(e)}"
+            jobs.append(Job(source=item["image"], item=item, error=error))
+            continue
         job = Job(source=item["image"], item=item, outputs=outputs)
         for path in outputs.values():
             if path in owners:
@@ -101,8 +124,16 @@ class PreprocessProcessor:
             label = np.rint(out["label"].detach().cpu().numpy()[0])
             dtype = np.uint8 if label.min() >= 0 and label.max() < 256 else np.int16
             save_nifti(label, out["label"].affine, job.outputs["label_output"], dtype=dtype)
-        return {"shape": tuple(image.shape[1:]), "spacing": _spacing(image.affine.numpy()),
-                "case": case_name(job.source)}
+        row = {"shape": tuple(image.shape[1:]), "spacing": _spacing(image.affine.numpy()),
+               "case": case_name(job.source)}
+        note = image.meta.get("medvol_note") if hasattr(image, "meta") else None
+        return {**row, "note": note} if note else row
 
     def describe(self, job: Job) -> dict:
         return {**describe_nifti(job.outputs["output"]), "case": case_name(job.source)}
+
+    def verify(self, job: Job) -> None:
+        """Read every existing output back completely (gzip CRC, data size); raises DataError if one is damaged."""
+        reader = LoadVolume(dtype=None, ensure_channel_first=False)
+        for path in job.outputs.values():
+            reader(str(path))

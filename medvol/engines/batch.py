@@ -5,6 +5,9 @@ Contract (what a radiology lab needs from a folder job):
 - every job ends as ``ok``, ``failed`` (one-line reason naming the file) or ``skipped`` (outputs already
   there: resume) in a CSV manifest that is rewritten atomically after every job, so a killed run leaves a
   valid manifest and no half-written output;
+- the manifest records every output's size and SHA-256; a resumed run skips a job only when its outputs still
+  match them (or, with no record, when the processor's ``verify(job)`` reads them back completely), and redoes
+  it otherwise, so a truncated or replaced output is never trusted;
 - bad input never stops the run: a processor's exception fails only its job; with ``workers > 1`` even a
   crashing worker process (e.g. a segfault in a native reader) only fails the job that crashed it;
 - ``workers`` processes in parallel (spawned processes, torch/ITK threads split between them);
@@ -12,7 +15,11 @@ Contract (what a radiology lab needs from a folder job):
   them into the final manifest (gloo process group, so it works on CPU).
 
 A *processor* is a picklable callable ``processor(job) -> dict`` that writes ``job.outputs`` atomically and
-returns extra manifest fields; its optional ``describe(job) -> dict`` fills the row of a skipped job.
+returns extra manifest fields; its optional ``describe(job) -> dict`` fills the row of a skipped job and its
+optional ``verify(job)`` raises when an existing output cannot be read back (default: ``describe``).
+
+With ``MEDVOL_DEBUG=1`` in the environment (``medvol --debug``) the traceback of every failed job is printed to
+stderr as well; the manifest keeps the one-line reason.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -30,9 +38,12 @@ from tqdm.auto import tqdm
 
 from medvol.errors import DataError, find_error
 from medvol.io.atomic import remove_stale_temps
-from medvol.io.manifest import Manifest, read_manifest
+from medvol.io.manifest import Manifest, check_outputs, output_checksums, read_manifest
 
-__all__ = ["Job", "BatchResult", "run_batch", "dist_context", "set_worker_threads"]
+__all__ = ["Job", "BatchResult", "run_batch", "dist_context", "set_worker_threads", "is_inside", "one_line",
+           "DEBUG_ENV"]
+
+DEBUG_ENV = "MEDVOL_DEBUG"
 
 
 @dataclass
@@ -70,8 +81,19 @@ def set_worker_threads(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its type name when it has no message)."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """True when ``path`` (normalised, symbolic links not followed) lies below ``root``."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path != root and os.path.commonpath([path, root]) == root
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _run_job(processor, job: Job) -> dict:
@@ -82,8 +104,11 @@ def _run_job(processor, job: Job) -> dict:
         for out in job.outputs.values():
             remove_stale_temps(out)
         row.update(processor(job) or {})
+        row.update(output_checksums(job.outputs))  # what a resumed run checks before it skips this job
         row["status"] = "ok"
     except Exception as e:  # any failure of one input must not stop the batch
+        if _debug():
+            print(f"medvol: traceback of {job.source}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         data_error = find_error(e, DataError)  # MONAI's Compose wraps it in a RuntimeError
         if data_error is not None:
             row.update(status="failed", error=str(data_error))
@@ -91,17 +116,41 @@ def _run_job(processor, job: Job) -> dict:
             root = e
             while root.__cause__ is not None:
                 root = root.__cause__
-            row.update(status="failed", error=f"{job.source}: {type(root).__name__}: {_one_line(root)}")
+            if isinstance(root, OSError) and root.filename:  # e.g. an output folder that is not writable
+                error = f"{job.source}: cannot write or read {root.filename}: {root.strerror or one_line(root)}"
+            else:
+                error = f"{job.source}: {type(root).__name__}: {one_line(root)}"
+            row.update(status="failed", error=error)
     row["seconds"] = time.perf_counter() - start
     return row
 
 
-def _skipped_row(processor, job: Job, previous: dict | None) -> dict:
-    row = {"source": job.source, "status": "skipped", **{k: str(v) for k, v in job.outputs.items()}, "seconds": 0.0}
+def _resume_check(processor, job: Job, previous: dict | None) -> tuple[str | None, dict]:
+    """(why the existing outputs of ``job`` cannot be trusted or None, their checksum fields)."""
+    try:
+        reason = check_outputs(job.outputs, previous)
+        if reason is None:
+            return None, {k: v for k, v in previous.items() if k.endswith(("_bytes", "_sha256"))}
+        if reason != "unrecorded":
+            return reason, {}
+        verify = getattr(processor, "verify", None) or getattr(processor, "describe", None)
+        if verify is not None:
+            verify(job)  # no size/hash on record: the output must at least read back completely
+        return None, output_checksums(job.outputs)
+    except Exception as e:  # noqa: BLE001 - an unreadable output is redone, whatever the reader raised
+        err = find_error(e, DataError) or e
+        return one_line(err), {}
+
+
+def _skipped_row(processor, job: Job, previous: dict | None, checksums: dict) -> dict:
+    row = {"source": job.source, "status": "skipped", **{k: str(v) for k, v in job.outputs.items()}, "seconds": 0.0,
+           **checksums}
+    if previous and previous.get("note"):  # e.g. "gantry tilt ... resampled": still true of the output
+        row["note"] = previous["note"]
     describe = getattr(processor, "describe", None)
     try:
         row.update(describe(job) if describe else {})
-    except Exception:  # an unreadable existing output: keep what the previous manifest said
+    except Exception:  # noqa: BLE001 - verified but not describable: keep what the previous manifest said
         for key in ("shape", "spacing"):
             if previous and previous.get(key):
                 row[key] = previous[key]
@@ -160,9 +209,15 @@ def run_batch(
     todo: list[Job] = []
     for job in mine:
         if job.error:
-            manifest.add({"source": job.source, "status": "failed", "error": job.error, "seconds": 0.0})
+            manifest.add({"source": job.source, "status": "failed", "error": job.error, "seconds": 0.0,
+                          **{k: str(v) for k, v in job.outputs.items()}})
         elif job.done() and not overwrite:
-            manifest.add(_skipped_row(processor, job, previous.get(job.source)))
+            reason, checksums = _resume_check(processor, job, previous.get(job.source))
+            if reason is None:
+                manifest.add(_skipped_row(processor, job, previous.get(job.source), checksums))
+            else:
+                print(f"resume: {job.source}: existing output not trusted ({reason}); redoing it", file=sys.stderr)
+                todo.append(job)
         else:
             todo.append(job)
     manifest.write()

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from monai.inferers import Inferer
 
-from medvol.engines.batch import Job
-from medvol.errors import ConfigError, MedvolError, find_error
+from medvol.engines.batch import Job, is_inside, one_line
+from medvol.errors import ConfigError, DataError, MedvolError, find_error
 from medvol.io.bags import bag_filename, file_sha256, read_bag, write_slice_bag
+from medvol.io.checkpoint import read_checkpoint
+from medvol.io.dicom import is_series_uid, split_series_ref
 
 __all__ = [
     "SliceStackInferer",
@@ -68,11 +70,27 @@ class SliceStackInferer(Inferer):
         return torch.stack([embed_stack(network, stack, self.chunk_size) for stack in inputs])
 
 
+def _bag_path(source: str, output_dir: Path) -> Path:
+    _, uid = split_series_ref(source)
+    if uid is not None and not is_series_uid(uid):
+        raise DataError(source, f"'{uid}' after '#' is not a DICOM Series Instance UID (digits and dots)")
+    path = Path(output_dir) / bag_filename(source)
+    if not is_inside(path, output_dir) or path.parent != Path(output_dir):
+        raise DataError(source, f"its bag {path} would not lie directly in {output_dir}")
+    return path
+
+
 def build_embed_jobs(datalist: list[dict], output_dir: Path) -> list[Job]:
-    """One job per image; images whose bag names collide are failed up front (both files named)."""
+    """One job per image; images whose bag names collide are failed up front (both files named), and so are
+    images whose bag name cannot be formed or would leave ``output_dir`` (e.g. a CSV row ``folder#../../x``)."""
     jobs, owners = [], {}
     for item in datalist:
-        path = Path(output_dir) / bag_filename(item["image"])
+        try:
+            path = _bag_path(item["image"], Path(output_dir))
+        except Exception as e:  # noqa: BLE001 - one odd entry fails alone; the run goes on
+            error = str(e) if isinstance(e, DataError) else f"{item['image']}: {type(e).__name__}: {one_line(e)}"
+            jobs.append(Job(source=item["image"], item={"image": item["image"]}, error=error))
+            continue
         job = Job(source=item["image"], item={"image": item["image"]}, outputs={"output": path})
         if path in owners:
             job.error = f"{item['image']}: output {path} would overwrite the output of {owners[path]}; rename one"
@@ -143,9 +161,9 @@ def load_embedding_model(bundle: str | os.PathLike, checkpoint: str | os.PathLik
     network = _resolve(parser, "network_def")
     axis = int(_resolve(parser, "axis"))
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {checkpoint} cannot be read ({' '.join(str(e).split())[:200]})") from None
+        state = read_checkpoint(checkpoint, mapping=False)
+    except DataError as e:
+        raise ConfigError(f"checkpoint {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     try:
@@ -197,6 +215,10 @@ class EmbedProcessor:
         data = model.transform({"image": job.item["image"]})
         feats = model.embed(data["image"], self.batch_size)
         return write_slice_bag(job.outputs["output"], feats, data, model.axis, model.sha256, source=job.source)
+
+    def verify(self, job: Job) -> None:
+        """Read the existing bag back completely (features included); raises DataError if it is damaged."""
+        read_bag(job.outputs["output"], load_features=True)
 
     def describe(self, job: Job) -> dict:
         bag = read_bag(job.outputs["output"], load_features=False)

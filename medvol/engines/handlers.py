@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from medvol.errors import DataError
 from medvol.io.atomic import atomic_path
+from medvol.io.checkpoint import read_checkpoint
 from medvol.networks.momentum import cosine_momentum, unwrap_module
 
 __all__ = [
@@ -209,10 +211,11 @@ class ResumableCheckpoint:
         if not self.path.is_file():
             logger.info(f"resume: no checkpoint at {self.path}, starting from scratch")
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(self.path)  # DataError "PATH: problem" for a truncated/refused/foreign file
         for name, obj in self.save_dict.items():
             if name not in state:
-                raise KeyError(f"{self.path} has no '{name}' entry (saved keys: {sorted(state)})")
+                raise DataError(self.path, f"has no '{name}' entry (saved keys: {sorted(state)}): not this "
+                                "bundle's checkpoint")
             obj.load_state_dict(state[name])
         max_epochs = engine.state.max_epochs
         engine.load_state_dict(state["trainer"])

@@ -2,9 +2,11 @@
 
 from medvol.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_stale_temps, save_nifti
 from medvol.io.bags import Bag, bag_filename, file_sha256, find_bags, read_bag, write_bag, write_slice_bag
+from medvol.io.checkpoint import read_checkpoint
 from medvol.io.datalist import (
     IMAGE_LABEL_DIRS,
     case_name,
+    check_datalist,
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_msd,
@@ -16,7 +18,15 @@ from medvol.io.datalist import (
     open_datalist,
     with_case_index,
 )
-from medvol.io.dicom import is_dicom_dir, is_dicom_file, list_series, read_dicom_series, split_series_ref
+from medvol.io.dicom import (
+    check_dicom_series,
+    is_dicom_dir,
+    is_dicom_file,
+    is_series_uid,
+    list_series,
+    read_dicom_series,
+    split_series_ref,
+)
 from medvol.io.lesion_boxes import lesion_datalist, load_lesion_boxes
 from medvol.io.manifest import MANIFEST_COLUMNS, STATUSES, Manifest, read_manifest
 from medvol.io.readers import (
@@ -26,6 +36,7 @@ from medvol.io.readers import (
     LoadVolume,
     LoadVolumed,
     VolumeReader,
+    check_volume,
     is_volume_path,
     volume_suffix,
 )

@@ -17,6 +17,7 @@ channel suffix (``case_0000.nii.gz`` -> ``case``). A label without an image, an 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -24,8 +25,11 @@ import re
 from pathlib import Path
 
 from medvol.errors import ConfigError, DataError, MedvolError
+from medvol.io.atomic import atomic_write_text
 from medvol.io.dicom import DICOM_SUFFIXES, is_dicom_dir, is_dicom_file, list_series
-from medvol.io.readers import volume_suffix
+from medvol.io.readers import check_volume, volume_suffix
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "case_name",
@@ -40,6 +44,8 @@ __all__ = [
     "labeled_datalist",
     "filter_cases",
     "with_case_index",
+    "check_datalist",
+    "BAD_INPUTS_FILE",
     "IMAGE_LABEL_DIRS",
 ]
 
@@ -221,21 +227,24 @@ def _report(root: Path, datalist: list[dict], left_out: list[str]) -> None:
         logger.info(message)
 
 
-def _resolve(base: Path, value: str, source: Path, column: str) -> str:
+def _resolve(base: Path, value: str, source: Path, column: str, missing_ok: bool = False) -> str:
     value = value.strip()
     path = Path(value.split("#", 1)[0])
     full = path if path.is_absolute() else (base / path)
-    if not full.exists():
+    if not missing_ok and not full.exists():
         raise DataError(source, f"{column} '{value}' does not exist (resolved to {full})")
     return os.path.normpath(str(full)) + (("#" + value.split("#", 1)[1]) if "#" in value else "")
 
 
-def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training") -> list[dict]:
+def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training",
+                      missing_ok: bool = False) -> list[dict]:
     """Datalist from a Medical Segmentation Decathlon ``dataset.json``.
 
     Args:
         dataset_json: path of the json file; its paths are relative to its folder.
         section: ``"training"`` (image/label pairs), ``"test"`` (images) or another list in the file.
+        missing_ok: keep entries whose files do not exist (a batch command fails them one by one) instead of
+            raising.
 
     Raises:
         DataError: unreadable json, missing section, or a listed file that does not exist (named).
@@ -252,7 +261,7 @@ def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training"
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
         for key in ("image", "label"):
             if key in entry:
-                entry[key] = _resolve(path.parent, entry[key], path, key)
+                entry[key] = _resolve(path.parent, entry[key], path, key, missing_ok)
         datalist.append(entry)
     if not datalist:
         raise DataError(path, f"section '{section}' is empty")
@@ -260,10 +269,11 @@ def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training"
 
 
 def datalist_from_csv(csv_path: str | os.PathLike, image_column: str = "image",
-                      label_column: str = "label") -> list[dict]:
+                      label_column: str = "label", missing_ok: bool = False) -> list[dict]:
     """Datalist from a CSV with an image column, optional label column and any other columns.
 
     Other columns are kept as strings (e.g. ``age``, ``sex``); an empty label cell means "unlabeled".
+    ``missing_ok`` keeps rows whose files do not exist (a batch command fails them one by one).
 
     Raises:
         DataError: unreadable CSV, no image column, empty file, or a path that does not exist (row named).
@@ -283,10 +293,10 @@ def datalist_from_csv(csv_path: str | os.PathLike, image_column: str = "image",
         item = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
         if not item[image_column].strip():
             raise DataError(path, f"line {i}: empty '{image_column}'")
-        item["image"] = _resolve(path.parent, item.pop(image_column), path, f"line {i} image")
+        item["image"] = _resolve(path.parent, item.pop(image_column), path, f"line {i} image", missing_ok)
         label = item.pop(label_column, "")
         if label and label.strip():
-            item["label"] = _resolve(path.parent, label, path, f"line {i} label")
+            item["label"] = _resolve(path.parent, label, path, f"line {i} label", missing_ok)
         datalist.append(item)
     return datalist
 
@@ -377,3 +387,82 @@ def labeled_datalist(source, name: str = "dataset_dir", cases=None) -> list[dict
     if unlabeled:
         raise ConfigError(f"{name}: {len(unlabeled)} images have no label, e.g. {unlabeled[0]}")
     return filter_cases(datalist, cases, name)
+
+
+# ------------------------------------------------------------------ up-front checks of a training datalist
+
+BAD_INPUTS_FILE = "bad_inputs.csv"
+
+
+def check_datalist(datalist: list[dict], skip_bad: bool = False, report_dir=None, keys=("image", "label"),
+                   full: bool = False, name: str = "dataset_dir", max_listed: int = 20) -> list[dict]:
+    """Check every file of a datalist before training and report *all* bad ones at once.
+
+    A training run otherwise stops at the first unreadable file it meets (often after minutes of caching),
+    naming only that one. Each entry's ``keys`` (``image``, ``label``; missing keys are skipped) is checked with
+    :func:`medvol.io.check_volume`: headers only by default (fast: exists, not empty, a readable 3D header, no
+    zero-size axis, complete DICOM series), the voxels too with ``full=True`` (truncated ``.nii.gz``, NaN).
+
+    Args:
+        datalist: MONAI datalist (``[{"image": ..., "label": ...}, ...]``).
+        skip_bad: drop the entries with a bad file and go on (a warning per file) instead of stopping.
+        report_dir: when given, the bad files are written to ``report_dir/bad_inputs.csv`` (``key,path,problem``)
+            in either case; a clean check removes a stale list.
+        keys: the entry keys holding paths.
+        full: read the voxels, not only the headers.
+        name: config key reported in errors.
+        max_listed: bad files spelled out in the error (the report file has all of them).
+
+    Returns:
+        The datalist (without the bad entries when ``skip_bad``; ``case_index`` renumbered if present).
+
+    Raises:
+        ConfigError: some files are bad and ``skip_bad`` is False (one line per bad file), or every entry is bad.
+
+    Example (a bundle's ``datalist``, with a ``"skip_bad_inputs": false`` key beside it)::
+
+        "datalist": "$medvol.io.check_datalist(medvol.io.image_datalist(@dataset_dir),
+                     skip_bad=@skip_bad_inputs, report_dir=@output_dir)"
+    """
+    bad: list[tuple[str, str, str]] = []
+    kept = []
+    for item in datalist:
+        problems = []
+        for key in keys:
+            if not item.get(key):
+                continue
+            try:
+                check_volume(item[key], full=full)
+            except DataError as e:
+                problems.append((key, str(item[key]), e.problem))
+            except MedvolError as e:
+                problems.append((key, str(item[key]), " ".join(str(e).split())))
+        bad.extend(problems)
+        if not problems:
+            kept.append(item)
+    report = None
+    if report_dir is not None:
+        report = Path(report_dir) / BAD_INPUTS_FILE
+        if bad:
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["key", "path", "problem"])
+            writer.writerows(bad)
+            atomic_write_text(report, buf.getvalue())
+        elif report.is_file():
+            report.unlink()
+    if not bad:
+        return list(datalist)
+    where = f"; all listed in {report}" if report is not None else ""
+    lines = [f"  {path}: {problem}" for _, path, problem in bad[:max_listed]]
+    if len(bad) > max_listed:
+        lines.append(f"  ... and {len(bad) - max_listed} more")
+    if not kept:
+        raise ConfigError(f"{name}: none of the {len(datalist)} entries is usable{where}:\n" + "\n".join(lines))
+    if not skip_bad:
+        raise ConfigError(f"{name}: {len(bad)} of the datalist's files cannot be used (checked before training; "
+                          f"skip_bad=True trains without them){where}:\n" + "\n".join(lines))
+    for _, path, problem in bad:
+        logger.warning(f"skipping {path}: {problem}")
+    logger.warning(f"{name}: skipped {len(datalist) - len(kept)} of {len(datalist)} entries with bad files{where}")
+    return with_case_index(kept) if any("case_index" in d for d in kept) else kept

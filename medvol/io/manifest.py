@@ -2,6 +2,10 @@
 
 The manifest is rewritten (atomically) as results come in, so a killed run leaves a valid manifest of what
 finished; a resumed run reads the previous rows to carry over what it skips.
+
+Every output is recorded with its size and SHA-256 (columns ``<output column>_bytes`` and
+``<output column>_sha256``, e.g. ``output_bytes``, ``output_sha256``): :func:`check_outputs` compares an existing
+output with them, so a resumed run never trusts a file that was truncated or replaced since it was written.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from medvol.io.atomic import atomic_write_text
+from medvol.io.bags import file_sha256
 
-__all__ = ["MANIFEST_COLUMNS", "STATUSES", "Manifest", "read_manifest"]
+__all__ = ["MANIFEST_COLUMNS", "STATUSES", "Manifest", "read_manifest", "output_checksums", "check_outputs"]
 
 MANIFEST_COLUMNS = ("source", "status", "output", "error", "shape", "spacing", "seconds")
 STATUSES = ("ok", "failed", "skipped")
@@ -77,6 +82,35 @@ def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
             return {row["source"]: row for row in csv.DictReader(f) if row.get("source")}
     except (OSError, csv.Error, KeyError, UnicodeDecodeError):
         return {}
+
+
+def output_checksums(outputs: dict[str, str | os.PathLike]) -> dict[str, str | int]:
+    """``{column_bytes: size, column_sha256: hex digest}`` of every output file (manifest fields)."""
+    fields: dict[str, str | int] = {}
+    for column, path in outputs.items():
+        fields[f"{column}_bytes"] = Path(path).stat().st_size
+        fields[f"{column}_sha256"] = file_sha256(path)
+    return fields
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike], row: dict | None) -> str | None:
+    """Why the existing ``outputs`` do not match what manifest ``row`` recorded, or None when they all match.
+
+    Returns ``"unrecorded"`` when the row has no size/hash for some output (a manifest of an older medvol, or
+    a run killed between writing an output and the manifest): the caller then has to check the file itself.
+    """
+    if not row or row.get("status") not in ("ok", "skipped"):
+        return "unrecorded"
+    for column, path in outputs.items():
+        size, digest = row.get(f"{column}_bytes"), row.get(f"{column}_sha256")
+        if not size or not digest:
+            return "unrecorded"
+        actual = Path(path).stat().st_size
+        if str(actual) != str(size):
+            return f"{path}: {actual} bytes, the manifest recorded {size}"
+        if file_sha256(path) != digest:
+            return f"{path}: content differs from the manifest's sha256"
+    return None
 
 
 def _cell(value) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medvol.errors import DataError
+from medvol.io.checkpoint import read_checkpoint
 from medvol.networks.momentum import unwrap_module
 
 __all__ = ["load_pretrained"]
@@ -30,9 +31,9 @@ def _read_state_dict(source, name: str) -> dict[str, torch.Tensor]:
         if not Path(source).is_file():
             raise FileNotFoundError(f"{source}: checkpoint file not found")
         try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
-            raise DataError(name, f"cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from e
+            source = read_checkpoint(source, mapping=False)
+        except DataError as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
+            raise DataError(name, e.problem) from e
     if isinstance(source, Mapping):
         for key in ("model", "state_dict"):  # model-zoo / lightning conventions
             if isinstance(source.get(key), Mapping):
