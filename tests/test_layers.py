@@ -34,7 +34,7 @@ def module_name(path: Path) -> str:
 
 def medvol_imports(path: Path) -> set[str]:
     """Modules of medvol that ``path`` imports (``from medvol.x import y`` counts y when it is a module)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     this = module_name(path)
     package = this if path.name == "__init__.py" else this.rsplit(".", 1)[0]
     found = set()
