@@ -122,6 +122,9 @@ def test_kmeans_plusplus_is_greedy_d2_sampling():
     hit = {int(y[np.flatnonzero((x == c).all(1))[0]]) for c in centers}
     assert len(hit) == 10  # one centre per well-separated cluster
     np.testing.assert_array_equal(centers, kmeans_plusplus(x, 10, np.random.default_rng(0)))
+    far = x + np.float32(3e4)  # distances are computed centred: float32 cancellation does not blind the draws
+    hit = {int(y[np.flatnonzero((far == c).all(1))[0]]) for c in kmeans_plusplus(far, 10, np.random.default_rng(1))}
+    assert len(hit) == 10
     dup = np.repeat(x[:3], 5, axis=0)  # 3 distinct points, 5 centres: still 5 rows, no error
     assert kmeans_plusplus(dup, 5, rng).shape == (5, 8)
 
