@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from medvol import __version__
 from medvol.cluster.faiss_support import (
@@ -73,8 +74,12 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: i
     Returns:
         (k, d) float32 centres.
     """
+    with threadpool_limits(1, user_api="blas"):  # small GEMMs: BLAS threads only spin, badly on a busy CPU
+        return _kmeans_plusplus(x, k, rng, max(1, n_trials if n_trials is not None else 2 + int(math.log(k))))
+
+
+def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, trials: int) -> np.ndarray:
     m = x.shape[0]
-    trials = max(1, n_trials if n_trials is not None else 2 + int(math.log(k)))
     xc = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)  # centred: less cancellation in float32
     xt = np.ascontiguousarray(xc.T)  # (d, m): c @ xt is a plain row-major GEMM, 3x faster than c @ xc.T
     xx = np.einsum("nd,nd->n", xc, xc)  # (m,) squared norms
