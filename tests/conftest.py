@@ -121,15 +121,16 @@ def make_bad_inputs(demo_dir: Path, folder: Path) -> dict[str, tuple[Path, str]]
 
 @pytest.fixture
 def count_fits(monkeypatch) -> list[int]:
-    """Records the number of samples of every ``medvol.cluster.KMeans.fit`` call (the fit still runs)."""
+    """Records the rows seen by every ``medvol.cluster.KMeans.fit`` call (the fit still runs; a matrix or a stream)."""
     from medvol.cluster import KMeans
 
     calls: list[int] = []
     original = KMeans.fit
 
-    def counting(self, x):
-        calls.append(len(x))
-        return original(self, x)
+    def counting(self, x, *args, **kwargs):
+        out = original(self, x, *args, **kwargs)
+        calls.append(self.n_samples_seen_)
+        return out
 
     monkeypatch.setattr(KMeans, "fit", counting)
     return calls

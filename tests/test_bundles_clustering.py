@@ -126,7 +126,7 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     assert err is not None and "run `python -m monai.bundle run cluster" in str(err)
 
     run_bundle("pixel_clustering", run_id="cluster", **over)
-    assert count_fits == [4000]  # one k-means fit for the whole dataset
+    assert count_fits == [6000]  # one k-means fit streaming the whole dataset (6 volumes x 1000 voxels)
     rows = list(csv.DictReader(open(tmp_path / "pseudolabels" / "manifest.csv")))
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
     assert (tmp_path / "cluster_montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,7 +134,7 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     assert KMeans.read_metadata(tmp_path / "pseudolabels" / "kmeans.npz")["feature_source"].startswith("handcrafted")
 
     run_bundle("pixel_clustering", run_id="cluster", **over)  # resumed: nothing refitted or rewritten
-    assert count_fits == [4000]
+    assert count_fits == [6000]
     assert {r["status"] for r in csv.DictReader(open(tmp_path / "pseudolabels" / "manifest.csv"))} == {"skipped"}
 
     wf = bundle_workflow("pixel_clustering", **over)
@@ -143,7 +143,7 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
         Events.ITERATION_COMPLETED, lambda e: seen.update(e.state.output))
     wf.run()
     wf.finalize()
-    assert count_fits == [4000]  # training never fits k-means
+    assert count_fits == [6000]  # training never fits k-means
     assert 0 < seen["overlap_fraction"] <= 1 and np.isfinite(seen["loss"])
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["head.conv.weight"].shape[0] == K
@@ -167,7 +167,7 @@ def test_pixel_cluster_with_an_encoder_teacher(patch_run, hippo, tmp_path, count
                       montage_volumes=0, val_fraction=0.0)
     run_bundle("pixel_clustering", run_id="cluster", **over)
     meta = KMeans.read_metadata(tmp_path / "pseudolabels" / "kmeans.npz")
-    assert count_fits == [4000] and meta["spherical"] and meta["feature_source"].startswith("encoder UNet3D")
+    assert count_fits == [6000] and meta["spherical"] and meta["feature_source"].startswith("encoder UNet3D")
     assert str(patch_run / "models" / "model.pt") in meta["feature_source"]
     labels = [np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / "pseudolabels").glob("*.nii.gz"))]
     assert len(labels) == 6 and len(np.unique(np.concatenate([x.ravel() for x in labels]))) == K

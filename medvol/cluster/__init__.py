@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from medvol.cluster.kmeans import KMeans, faiss_has_gpu
+from medvol.cluster.faiss_support import faiss_gpu_count, faiss_has_gpu, repair_faiss_vectors
+from medvol.cluster.kmeans import KMeans, kmeans_plusplus
 from medvol.cluster.sampling import FeatureSampler
 from medvol.cluster.sinkhorn import sinkhorn
 
-__all__ = ["KMeans", "FeatureSampler", "sinkhorn", "faiss_has_gpu"]
+__all__ = ["KMeans", "FeatureSampler", "sinkhorn", "faiss_has_gpu", "faiss_gpu_count", "repair_faiss_vectors",
+           "kmeans_plusplus"]
 from medvol.cluster.montage import cluster_montage, cluster_palette, log_montage, montage_rgb
 from medvol.cluster.pseudolabels import (
     PSEUDOLABEL_KEY,

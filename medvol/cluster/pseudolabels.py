@@ -4,9 +4,12 @@
 (default ``output_dir/pseudolabels/``):
 
 1. **Sample** teacher features (:mod:`medvol.cluster.teacher`) of up to ``per_volume_quota`` foreground voxels
-   (intensity > ``foreground_threshold``) of *every* volume into a bounded :class:`FeatureSampler`.
-2. **Fit** :class:`KMeans` once on that sample (seeded) and save it to ``kmeans.npz`` with its
-   ``feature_source``; a resumed run loads it instead (never a per-batch refit, unlike radioSSL's code).
+   (intensity > ``foreground_threshold``) of *every* volume, streamed volume by volume into
+   :meth:`KMeans.fit`, which keeps a uniform sample of at most ``max_samples`` of them (memory stays bounded
+   whatever the dataset size).
+2. **Fit** :class:`KMeans` once on that stream (seeded; trained on ``k * 1024`` of the kept rows, inertia from
+   the others) and save it to ``kmeans.npz`` with its ``feature_source``; a resumed run loads it instead (never
+   a per-batch refit, unlike radioSSL's code).
 3. **Assign** every voxel of every volume to its nearest centroid and write ``<case>.nii.gz`` (uint8, the grid
    and affine of the preprocessed image, atomic) through :func:`medvol.engines.batch.run_batch`: ``manifest.csv``
    has one row per volume (ok / failed with the file named / skipped on resume).
@@ -29,7 +32,6 @@ import torch
 
 from medvol.cluster.kmeans import KMeans
 from medvol.cluster.montage import cluster_montage, log_montage, montage_rgb
-from medvol.cluster.sampling import FeatureSampler
 from medvol.errors import ConfigError, DataError, find_error
 
 __all__ = ["PSEUDOLABEL_KEY", "build_pseudolabels", "assign_clusters", "PseudoLabelWriter", "pseudolabel_datalist",
@@ -97,8 +99,11 @@ class PseudoLabelWriter:
                 "clusters": int(np.unique(np.asarray(img.dataobj)).size)}
 
 
-def _sample_features(datalist, preprocessing, teacher, sampler: FeatureSampler, quota: int, threshold: float,
-                     seed: int) -> None:
+def _foreground_features(datalist, preprocessing, teacher, quota: int, threshold: float, seed: int, seen: dict):
+    """Yield the teacher features (n_i, d) of up to ``quota`` foreground voxels per volume, one volume at a time.
+
+    ``seen`` counts the volumes and voxels yielded (for the log and the "too few voxels" message).
+    """
     for i, item in enumerate(datalist):
         try:
             image = _preprocess(preprocessing, item)
@@ -114,7 +119,9 @@ def _sample_features(datalist, preprocessing, teacher, sampler: FeatureSampler, 
         if fg.numel() > quota:  # uniform subset of this volume's foreground, seeded per volume
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             fg = fg[torch.randperm(fg.numel(), generator=g)[:quota]].sort().values
-        sampler.add(teacher(image).at(fg).cpu())
+        seen["volumes"] += 1
+        seen["voxels"] += int(fg.numel())
+        yield teacher(image).at(fg).cpu()
 
 
 def _fit_or_load(path: Path, datalist, preprocessing, teacher, num_clusters: int, max_samples: int, quota: int,
@@ -129,17 +136,20 @@ def _fit_or_load(path: Path, datalist, preprocessing, teacher, num_clusters: int
                 "--output_dir")
         logger.info("k-means: reusing %s (k=%d)", path, km.n_clusters)
         return km, False
-    sampler = FeatureSampler(max_samples, per_volume_quota=quota, seed=seed)
     t0 = time.perf_counter()
-    _sample_features(datalist, preprocessing, teacher, sampler, quota, threshold, seed)
-    if len(sampler) < num_clusters:
-        raise ConfigError(f"only {len(sampler)} foreground voxels (> {threshold}) were sampled for k={num_clusters} "
-                          "clusters: check the dataset, the preset and foreground_threshold")
+    seen = {"volumes": 0, "voxels": 0}
     km = KMeans(num_clusters, device=kmeans_device, spherical=teacher.spherical, n_iter=kmeans_iters, seed=seed)
-    km.fit(sampler.sample())
+    batches = _foreground_features(datalist, preprocessing, teacher, quota, threshold, seed, seen)
+    try:  # streamed: at most max_samples feature rows are held, whatever the number of volumes
+        km.fit(batches, stream_sample=max(max_samples, 2 * num_clusters))
+    except ValueError as e:
+        if seen["voxels"] >= num_clusters:
+            raise
+        raise ConfigError(f"only {seen['voxels']} foreground voxels (> {threshold}) were sampled for "
+                          f"k={num_clusters} clusters: check the dataset, the preset and foreground_threshold") from e
     km.save(path, feature_source=teacher.feature_source)
-    logger.info("k-means: fitted k=%d once on %d voxels of %d volumes in %.1f s -> %s", num_clusters, len(sampler),
-                sampler.n_volumes, time.perf_counter() - t0, path)
+    logger.info("k-means: fitted k=%d once on %d of %d sampled voxels of %d volumes in %.1f s -> %s", num_clusters,
+                km.n_train_, km.n_samples_seen_, seen["volumes"], time.perf_counter() - t0, path)
     return km, True
 
 
@@ -157,7 +167,8 @@ def build_pseudolabels(datalist: Sequence[dict], preprocessing, teacher, output_
         teacher: :class:`~medvol.cluster.teacher.EncoderTeacher` or :class:`~medvol.cluster.teacher.HandcraftedTeacher`.
         output_dir: run folder; the montage goes to ``output_dir/cluster_montage.png``.
         num_clusters: k (radioSSL: 10).
-        max_samples: size of the k-means sample over all volumes.
+        max_samples: feature rows kept in memory while the volumes stream into k-means (a uniform sample over
+            all volumes; the training sample is drawn from it).
         per_volume_quota: foreground voxels sampled per volume.
         foreground_threshold: intensity (after the preset's [0, 1] scaling) above which a voxel is sampled.
         seed: seed of the sample and of k-means.

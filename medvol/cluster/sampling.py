@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medvol.cluster.kmeans import as_float32_matrix
+from medvol.cluster.rows import as_float32_matrix
 
 __all__ = ["FeatureSampler"]
 
