@@ -7,7 +7,10 @@ turn :class:`ConfigError` into a one-line message instead of a traceback.
 
 from __future__ import annotations
 
-__all__ = ["MedvolError", "DataError", "ConfigError", "find_error"]
+__all__ = ["MedvolError", "DataError", "ConfigError", "find_error", "one_line", "DEBUG_ENV"]
+
+# set (to anything but "0") to get tracebacks next to the one-line errors, also in worker processes
+DEBUG_ENV = "MEDVOL_DEBUG"
 
 
 class MedvolError(Exception):
@@ -44,3 +47,8 @@ def find_error(exc: BaseException | None, kind: type[BaseException] = DataError)
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its type name when it has no message)."""
+    return " ".join(str(err).split()) or type(err).__name__

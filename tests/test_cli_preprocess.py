@@ -194,3 +194,16 @@ def test_demo_preprocessing_part(tmp_path, capsys):
         assert (tmp_path / "demo" / "preprocessed" / name / "qc.png").is_file()
         rows = _manifest(tmp_path / "demo" / "preprocessed" / name)
         assert rows and all(r["status"] == "ok" for r in rows.values())
+
+
+@pytest.mark.parametrize("argv", [["preprocess", "/nonexistent/in", "OUT", "--preset", "mri"],
+                                  ["embed", "/nonexistent/in", "OUT", "--bundle", "bundles/lecl_slice_embedding"]])
+def test_path_errors_come_before_the_heavy_imports(argv, tmp_path):
+    """A wrong path is reported at once, before torch / MONAI are imported (they take seconds)."""
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    code = (f"import sys; from medvol.apps.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules, 'monai' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert "/nonexistent/in does not exist" in proc.stderr

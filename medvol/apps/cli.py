@@ -97,15 +97,16 @@ def _prepare_output(output: Path) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from medvol.apps.preprocess import PreprocessProcessor, build_jobs
-    from medvol.engines.batch import run_batch
-    from medvol.io.datalist import load_datalist
-
+    # cheap argument checks first: a wrong path is reported before seconds of torch/MONAI imports
     _check_io_folders(args.input, args.output)
     if args.n4 and args.preset != "mri":
         raise UsageError("--n4 applies to the MRI preset only")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    from medvol.apps.preprocess import PreprocessProcessor, build_jobs
+    from medvol.engines.batch import run_batch
+    from medvol.io.datalist import load_datalist
+
     kwargs = {"spacing": args.spacing, "size": args.size, "crop_foreground": not args.no_crop}
     if args.preset == "mri":
         kwargs.update(n4=args.n4, n4_kwargs={"shrink_factor": args.n4_shrink}, percentiles=tuple(args.percentiles))
@@ -212,11 +213,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_embed(args) -> int:
-    from medvol.engines.batch import dist_context, run_batch
-    from medvol.engines.embedding import EmbedProcessor, build_embed_jobs, default_checkpoint
-    from medvol.io.datalist import load_datalist
-    from medvol.io.manifest import read_manifest
-
+    # cheap argument checks first: a wrong path is reported before seconds of torch/MONAI imports
     _check_io_folders(args.input, args.output)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
@@ -224,6 +221,13 @@ def cmd_embed(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not (args.bundle / "configs" / "inference.json").is_file():
         raise UsageError(f"bundle {args.bundle} does not exist or has no configs/inference.json")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+    from medvol.engines.batch import dist_context, run_batch
+    from medvol.engines.embedding import EmbedProcessor, build_embed_jobs, default_checkpoint
+    from medvol.io.datalist import load_datalist
+    from medvol.io.manifest import read_manifest
+
     overrides = _parse_overrides(args.overrides)
     device = args.device
     if device == "cuda":
@@ -234,7 +238,8 @@ def cmd_embed(args) -> int:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     checkpoint = args.checkpoint or default_checkpoint(args.bundle, overrides)
     if not Path(checkpoint).is_file():
-        raise UsageError(f"checkpoint {checkpoint} does not exist (train the bundle first, or pass --checkpoint)")
+        raise UsageError(f"the bundle has no trained checkpoint ({checkpoint} does not exist): train the bundle "
+                         "first, or pass --checkpoint FILE")
     processor = EmbedProcessor(args.bundle, checkpoint, overrides, device, args.batch_size,
                                previous=read_manifest(args.output / "manifest.csv"))
     try:
@@ -339,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from medvol.engines.batch import DEBUG_ENV, one_line
-    from medvol.io.dicom import GANTRY_TILT_ENV
+    from medvol.errors import DEBUG_ENV, one_line
+
+    GANTRY_TILT_ENV = "MEDVOL_GANTRY_TILT"  # medvol.io.dicom's; not imported here, so --help and usage errors stay fast
 
     debug = bool(getattr(args, "debug", False))
     saved_env = {key: os.environ.get(key) for key in (DEBUG_ENV, GANTRY_TILT_ENV)}  # main() may run in-process

@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvol.engines.batch import Job, is_inside, one_line
-from medvol.errors import DataError
+from medvol.engines.batch import Job, is_inside
+from medvol.errors import DataError, one_line
 from medvol.io.atomic import save_nifti
 from medvol.io.datalist import case_name
 from medvol.io.dicom import is_series_uid, split_series_ref

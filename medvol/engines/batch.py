@@ -36,15 +36,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from medvol.errors import DataError, find_error
+from medvol.errors import DEBUG_ENV, DataError, find_error, one_line
 from medvol.io.atomic import remove_stale_temps
 from medvol.io.manifest import Manifest, check_outputs, output_checksums, read_manifest
 
-__all__ = ["Job", "BatchResult", "run_batch", "dist_context", "set_worker_threads", "is_inside", "one_line",
-           "DEBUG_ENV"]
-
-DEBUG_ENV = "MEDVOL_DEBUG"
-
+__all__ = ["Job", "BatchResult", "run_batch", "dist_context", "set_worker_threads", "is_inside"]
 
 @dataclass
 class Job:
@@ -79,11 +75,6 @@ def set_worker_threads(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (its type name when it has no message)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from monai.inferers import Inferer
 
-from medvol.engines.batch import Job, is_inside, one_line
-from medvol.errors import ConfigError, DataError, MedvolError, find_error
+from medvol.engines.batch import Job, is_inside
+from medvol.errors import ConfigError, DataError, MedvolError, find_error, one_line
 from medvol.io.bags import bag_filename, file_sha256, read_bag, write_slice_bag
 from medvol.io.checkpoint import read_checkpoint
 from medvol.io.dicom import is_series_uid, split_series_ref
