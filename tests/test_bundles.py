@@ -20,6 +20,8 @@ SSL_BUNDLES = ["caid", "global_local_contrastive"]
 ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation", "patch_clustering", "pixel_clustering"]
 SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
+# configs MONAI Label reads alone (BundleInferTask parses configs/inference.json by itself): not overlays
+STANDALONE = {("fewshot_segmentation", "inference.json"), ("fewshot_segmentation", "evaluate.json")}
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +82,22 @@ def test_schema_rejects_incomplete_metadata(tmp_path):
         verify_metadata(meta_file=str(tmp_path / "m.json"), filepath=str(SCHEMA))
 
 
+NETWORK_IDS = ("network_def", "backbone", "backbone_options")
+
+
 @pytest.mark.parametrize("bundle", ALL_BUNDLES)
-def test_network_def_is_the_same_in_every_config(bundle):
-    configs = sorted((BUNDLES_DIR / bundle / "configs").glob("*.json"))
-    seen = {}
-    for path in configs:
+def test_network_def_is_stated_once(bundle):
+    """Overlays inherit the network from train.json; MONAI Label's standalone inference.json states the same one."""
+    configs = BUNDLES_DIR / bundle / "configs"
+    train = json.loads((configs / "train.json").read_text())
+    for path in sorted(configs.glob("*.json")):
+        if path.name in ("train.json", "metadata.json"):
+            continue
         cfg = json.loads(path.read_text())
-        if "network_def" in cfg:
-            seen[path.name] = {k: cfg.get(k) for k in ("network_def", "backbone", "backbone_options")}
-    assert len(seen) >= 2 and all(v == seen["train.json"] for v in seen.values()), seen
+        if (bundle, path.name) in STANDALONE:
+            assert {k: cfg[k] for k in NETWORK_IDS} == {k: train[k] for k in NETWORK_IDS}
+        else:
+            assert not set(NETWORK_IDS) & set(cfg), f"{path.name} restates {set(NETWORK_IDS) & set(cfg)}"
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES)
@@ -96,8 +105,10 @@ def test_verify_net_in_out(bundle):
     from monai.bundle import verify_net_in_out
 
     root = BUNDLES_DIR / bundle / "configs"
+    files = [root / "inference.json"] if (bundle, "inference.json") in STANDALONE else \
+        [root / "train.json", root / "inference.json"]
     verify_net_in_out(net_id="network_def", meta_file=str(root / "metadata.json"),
-                      config_file=str(root / "inference.json"), n=2, device="cpu")
+                      config_file=[str(f) for f in files], n=2, device="cpu")
 
 
 # ---- runs --------------------------------------------------------------------------------------------------
@@ -109,8 +120,8 @@ def test_caid_trains_and_embeds(caid_run, hippo):
     assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
     assert (caid_run / "checkpoints" / "last.pt").is_file()
     assert list((caid_run / "tensorboard").iterdir())
-    run_bundle("caid", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(caid_run),
-         pad_size=[32, 48, 32], **TINY)
+    run_bundle("caid", ["train.json", "inference.json"], dataset_dir=str(hippo / "imagesTr"),
+               output_dir=str(caid_run), pad_size=[32, 48, 32], **TINY)
     vectors = sorted((caid_run / "embeddings").glob("*.npy"))
     assert len(vectors) == 6
     emb = np.stack([np.load(v) for v in vectors])
