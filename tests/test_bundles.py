@@ -21,7 +21,7 @@ ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation", "patch_clustering", "pixel_
 SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
 # configs MONAI Label reads alone (BundleInferTask parses configs/inference.json by itself): not overlays
-STANDALONE = {("fewshot_segmentation", "inference.json"), ("fewshot_segmentation", "evaluate.json")}
+STANDALONE = {("fewshot_segmentation", "inference.json")}
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
 
 
 @pytest.mark.slow
-def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
+def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path, capsys):
     ckpt = caid_run / "models" / "model.pt"
     common = {"dataset_dir": str(hippo), "output_dir": str(tmp_path), "roi_size": [16, 32, 16], **TINY}
     wf = bundle_workflow("fewshot_segmentation", **common, pretrained_checkpoint=str(ckpt), num_labeled=2, seed=1,
@@ -189,12 +189,18 @@ def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
     wf.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
 
-    run_bundle("fewshot_segmentation", "evaluate.json", **common)
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "dice_per_volume.csv")))
-    assert len(rows) == 6 and list(rows[0]) == ["case", "anterior", "posterior", "mean"]
-    summary = json.loads((tmp_path / "eval" / "dice_summary.json").read_text())
-    assert summary["n_volumes"] == 6 and 0 <= summary["mean_dice"]["mean"] <= 1
-    assert summary["mean_dice"]["mean"] == pytest.approx(np.mean([float(r["mean"]) for r in rows]), abs=1e-5)
+    capsys.readouterr()
+    run_bundle("fewshot_segmentation", ["train.json", "evaluate.json"], **common)  # MONAI's MetricsSaver files
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_raw.csv")))
+    assert len(rows) == 6 and list(rows[0]) == ["filename", "class0", "class1", "mean"]
+    assert sorted(Path(r["filename"]).name for r in rows) == sorted(p.name for p in (hippo / "imagesTr").iterdir())
+    mean_dice = float(dict(csv.reader(open(tmp_path / "eval" / "metrics.csv")))["val_mean_dice"])
+    per_case = np.array([[float(r["class0"]), float(r["class1"])] for r in rows])
+    assert 0 <= mean_dice <= 1 and mean_dice == pytest.approx(np.nanmean(per_case), abs=1e-4)
+    summary = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_summary.csv")))
+    assert [r["class"] for r in summary] == ["class0", "class1", "mean"]
+    printed = capsys.readouterr().out
+    assert f"val_mean_dice {mean_dice:.4f} over 6 volumes (anterior " in printed and str(tmp_path / "eval") in printed
 
     run_bundle("fewshot_segmentation", "inference.json", **{**common, "dataset_dir": str(hippo / "imagesTr")})
     for image in sorted((hippo / "imagesTr").iterdir()):

@@ -12,7 +12,6 @@ from medvol.engines.handlers import (
     scalar_outputs,
     warmup_cosine_schedule,
 )
-from medvol.engines.reports import DiceReport, dice_per_class
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
 from medvol.engines.workflow import (
     MetricsReport,
