@@ -36,6 +36,7 @@ test-monailabel:
 
 lint: setup
 	$(BIN)/ruff check medvol tests benchmarks
+	$(BIN)/python scripts/bundle_config_stats.py --check
 
 clean:
 	rm -rf demo_output .pytest_cache

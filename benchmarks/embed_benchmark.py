@@ -82,7 +82,7 @@ def fresh_checkpoint(bundle: Path, folder: Path, overrides: dict) -> Path:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config([str(bundle / "configs" / c) for c in ("train.json", "inference.json")])  # an overlay
     parser.update({"bundle_root": str(bundle), **overrides})
     torch.manual_seed(0)
     path = folder / "model.pt"

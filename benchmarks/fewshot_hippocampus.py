@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -52,13 +53,15 @@ FINETUNE = {
 }
 
 
-def _bundle_files(bundle: str, config: str) -> dict:
+def _bundle_files(bundle: str, config: str | list[str]) -> dict:
+    """``config``: one file, or a list merged in order (``["train.json", "evaluate.json"]``: an overlay)."""
     root = BUNDLES / bundle
-    return {"config_file": str(root / "configs" / config), "meta_file": str(root / "configs" / "metadata.json"),
+    files = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
+    return {"config_file": files, "meta_file": str(root / "configs" / "metadata.json"),
             "logging_file": str(root / "configs" / "logging.conf"), "bundle_root": str(root)}
 
 
-def _workflow(bundle: str, config: str, overrides: dict, run_id: str = "run"):
+def _workflow(bundle: str, config: str | list[str], overrides: dict, run_id: str = "run"):
     from monai.bundle import ConfigWorkflow
 
     files = _bundle_files(bundle, config)
@@ -179,13 +182,14 @@ def _finetune_one(job: dict) -> dict:
         wf.run()
         wf.finalize()
         train_seconds = time.perf_counter() - t0
-        wf = _workflow("fewshot_segmentation", "evaluate.json", {**common, "output_dir": str(out)})
+        wf = _workflow("fewshot_segmentation", ["train.json", "evaluate.json"], {**common, "output_dir": str(out)})
         wf.run()
         wf.finalize()
-    summary = json.loads((out / "eval" / "dice_summary.json").read_text())
+    # MONAI's MetricsSaver: per-class means in val_mean_dice_summary.csv (class0 = anterior, class1 = posterior)
+    with open(out / "eval" / "val_mean_dice_summary.csv", newline="") as f:
+        summary = {row["class"]: float(row["mean"]) for row in csv.DictReader(f)}
     result = {"init": job["init"], "n": job["n"], "seed": job["seed"], "train_seconds": train_seconds,
-              "mean_dice": summary["mean_dice"]["mean"],
-              **{f"dice_{k}": v["mean"] for k, v in summary["classes"].items()}}
+              "mean_dice": summary["mean"], "dice_anterior": summary["class0"], "dice_posterior": summary["class1"]}
     result_file.write_text(json.dumps(result, indent=2))
     return result
 

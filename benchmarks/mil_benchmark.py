@@ -161,7 +161,7 @@ def random_checkpoint(out: Path, enc: dict) -> dict:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(LECL / "configs" / "inference.json"))
+    parser.read_config([str(LECL / "configs" / "train.json"), str(LECL / "configs" / "inference.json")])
     parser.update({"bundle_root": str(LECL), **{k: v for k, v in enc.items() if k != "preprocessing"}})
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")

@@ -16,24 +16,45 @@ DEMO_DIR = REPO_ROOT / "demo_data"
 BUNDLES_DIR = REPO_ROOT / "bundles"
 
 
-def bundle_workflow(bundle: str, config: str = "train.json", run_id: str = "run", **overrides):
-    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<config>``, as ``monai.bundle run`` builds it."""
+def bundle_workflow(bundle: str, config: str | list[str] = "train.json", run_id: str = "run", **overrides):
+    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<config>``, as ``monai.bundle run`` builds it.
+
+    ``config`` may be a list of files merged in order, e.g. ``["train.json", "inference.json"]`` for an overlay.
+    """
     from monai.bundle import ConfigWorkflow
 
     root = BUNDLES_DIR / bundle
-    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
+    files = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
+    wf = ConfigWorkflow(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
                         logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
                         bundle_root=str(root), run_id=run_id, **overrides)
     wf.initialize()
     return wf
 
 
-def run_bundle(bundle: str, config: str = "train.json", run_id: str = "run", **overrides):
+def run_bundle(bundle: str, config: str | list[str] = "train.json", run_id: str = "run", **overrides):
     """Run ``run_id`` of a bundle config to the end (run + finalize) and return the workflow."""
     wf = bundle_workflow(bundle, config, run_id, **overrides)
     wf.run()
     wf.finalize()
     return wf
+
+
+def overlay(bundle: str, *configs: str) -> str:
+    """``--config_file`` value merging ``bundles/<bundle>/configs/train.json`` with the overlays ``configs``."""
+    files = ",".join(f"'bundles/{bundle}/configs/{c}'" for c in ("train.json", *configs))
+    return f"[{files}]"
+
+
+def bundle_parser(bundle: str, *configs: str, **overrides):
+    """A ``ConfigParser`` of ``train.json`` merged with the overlays ``configs`` (``bundle_root`` set)."""
+    from monai.bundle import ConfigParser
+
+    root = BUNDLES_DIR / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(root / c) for c in ("train.json", *configs)])
+    parser.update({"bundle_root": str(BUNDLES_DIR / bundle), **overrides})
+    return parser
 
 
 def bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
@@ -46,7 +67,7 @@ def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600)
     """``torchrun --nproc_per_node NPROC -m monai.bundle run`` of train.json + multi_gpu_train.json (gloo on CPU),
     with ``--key value`` overrides (JSON for non-strings), 1 OpenMP thread per process."""
     configs = f"bundles/{bundle}/configs"
-    args = ["--config_file", f"['{configs}/train.json','{configs}/multi_gpu_train.json']",
+    args = ["--config_file", overlay(bundle, "multi_gpu_train.json"),
             "--bundle_root", f"bundles/{bundle}", "--logging_file", f"{configs}/logging.conf"]
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow
+from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_parser, bundle_workflow
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -86,20 +86,22 @@ def test_layout_metadata_and_defaults():
     assert parser.get_parsed_content("learning_rate") == pytest.approx(1e-4 * 64 / 256)
 
 
-def test_shared_ids_are_identical_in_train_and_inference():
+def test_inference_overlay_inherits_the_shared_ids():
+    """inference.json is an overlay: encoder and slicing settings come from train.json, stated once."""
     train = json.loads((CONFIGS / "train.json").read_text())
     inference = json.loads((CONFIGS / "inference.json").read_text())
-    assert {k: train[k] for k in SHARED} == {k: inference[k] for k in SHARED}
+    assert set(SHARED) <= set(train) and not set(SHARED) & set(inference)
+    merged = bundle_parser(BUNDLE.name, "inference.json")
+    assert merged.get_parsed_content("axis") == 2 and merged.get_parsed_content("slice_size") == [224, 224]
 
 
 def test_verify_net_in_out_and_metadata_match_the_default_encoder():
     from monai.bundle import verify_net_in_out
 
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
-                      config_file=str(CONFIGS / "inference.json"), n=1, device="cpu")
+                      config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")], n=1, device="cpu")
     meta = json.loads((CONFIGS / "metadata.json").read_text())["network_data_format"]
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
+    parser = bundle_parser(BUNDLE.name, "inference.json")
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "GatedCNNSliceEncoder" and net.out_dim == meta["outputs"]["pred"]["num_channels"]
     assert meta["inputs"]["image"]["num_channels"] == parser.get_parsed_content("in_channels") == 3
@@ -129,13 +131,13 @@ def test_train_then_inference_writes_one_bag_per_volume(trained, lesion_data, tm
     out, fractions = trained
     model = out / "models" / "model.pt"
     state = torch.load(model, weights_only=True)
-    parser = ConfigParser(json.loads((CONFIGS / "inference.json").read_text()))
-    parser.update({"bundle_root": str(BUNDLE), **TINY})
+    parser = bundle_parser(BUNDLE.name, "inference.json", **TINY)
     assert set(state) == set(parser.get_parsed_content("network_def").state_dict())  # the encoder only
     assert (out / "checkpoints" / "last.pt").is_file() and list((out / "tensorboard").iterdir())
     assert max(fractions) > 0  # lesion pairs from breast1's mask reached the loss
 
-    bundle_workflow(BUNDLE.name, "inference.json", dataset_dir=str(lesion_data), output_dir=str(out), **TINY).run()
+    bundle_workflow(BUNDLE.name, ["train.json", "inference.json"], dataset_dir=str(lesion_data), output_dir=str(out),
+                    **TINY).run()
     images = sorted((lesion_data / "imagesTr").iterdir())
     bags = sorted((out / "embeddings").glob("*.h5"))
     assert [b.stem for b in bags] == sorted(p.name.split(".")[0] for p in images)

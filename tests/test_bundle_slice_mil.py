@@ -61,8 +61,13 @@ def test_train_config_resolves_to_a_network_factory_and_a_crossvalidator(tmp_pat
     pma = ConfigParser(train)
     pma.update({"mil_pooling": "pma"})
     assert isinstance(pma.get_parsed_content("network_def")(in_dim=18), PMA)
-    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    assert {"bundle_root", "dataset_dir", "model_dir", "output_dir", "device", "predictor", "run"} <= set(inference)
+    assert train["initialize"][0] == "$medvol.engines.config.install_error_hook()"  # the dialect of every bundle
+    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())  # an overlay of train.json
+    assert {"model_dir", "output_dir", "predictor", "run"} <= set(inference) and "dataset_dir" not in inference
+    merged = ConfigParser()
+    merged.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")])
+    assert {"bundle_root", "dataset_dir", "device", "network_def", "max_epochs"} <= set(merged.get())
+    assert merged["network_def"] is None  # the predictor rebuilds the network recorded in run.json
 
 
 @pytest.mark.slow
@@ -82,9 +87,9 @@ def test_bundle_train_then_inference(demo_dir, tmp_path):
     assert (out / "folds" / "fold_1" / "model.pt").is_file() and (out / "attention_top_slices.png").is_file()
     assert "fold 2/2" in proc.stdout + proc.stderr  # progress reaches the bundle's log
 
-    # inference.json with the same ids a `monai.bundle run` would evaluate (in-process: no second start-up)
+    # train.json + the inference.json overlay, as `monai.bundle run` merges them (in-process: no second start-up)
     parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / "inference.json")
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")])
     parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(bag_dir), "model_dir": str(out),
                    "output_dir": str(tmp_path / "pred"), "plot_cases": 1})
     parser.get_parsed_content("run")

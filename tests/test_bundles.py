@@ -20,6 +20,8 @@ SSL_BUNDLES = ["caid", "global_local_contrastive"]
 ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation", "patch_clustering", "pixel_clustering"]
 SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
+# configs MONAI Label reads alone (BundleInferTask parses configs/inference.json by itself): not overlays
+STANDALONE = {("fewshot_segmentation", "inference.json")}
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +82,22 @@ def test_schema_rejects_incomplete_metadata(tmp_path):
         verify_metadata(meta_file=str(tmp_path / "m.json"), filepath=str(SCHEMA))
 
 
+NETWORK_IDS = ("network_def", "backbone", "backbone_options")
+
+
 @pytest.mark.parametrize("bundle", ALL_BUNDLES)
-def test_network_def_is_the_same_in_every_config(bundle):
-    configs = sorted((BUNDLES_DIR / bundle / "configs").glob("*.json"))
-    seen = {}
-    for path in configs:
+def test_network_def_is_stated_once(bundle):
+    """Overlays inherit the network from train.json; MONAI Label's standalone inference.json states the same one."""
+    configs = BUNDLES_DIR / bundle / "configs"
+    train = json.loads((configs / "train.json").read_text())
+    for path in sorted(configs.glob("*.json")):
+        if path.name in ("train.json", "metadata.json"):
+            continue
         cfg = json.loads(path.read_text())
-        if "network_def" in cfg:
-            seen[path.name] = {k: cfg.get(k) for k in ("network_def", "backbone", "backbone_options")}
-    assert len(seen) >= 2 and all(v == seen["train.json"] for v in seen.values()), seen
+        if (bundle, path.name) in STANDALONE:
+            assert {k: cfg[k] for k in NETWORK_IDS} == {k: train[k] for k in NETWORK_IDS}
+        else:
+            assert not set(NETWORK_IDS) & set(cfg), f"{path.name} restates {set(NETWORK_IDS) & set(cfg)}"
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES)
@@ -96,8 +105,10 @@ def test_verify_net_in_out(bundle):
     from monai.bundle import verify_net_in_out
 
     root = BUNDLES_DIR / bundle / "configs"
+    files = [root / "inference.json"] if (bundle, "inference.json") in STANDALONE else \
+        [root / "train.json", root / "inference.json"]
     verify_net_in_out(net_id="network_def", meta_file=str(root / "metadata.json"),
-                      config_file=str(root / "inference.json"), n=2, device="cpu")
+                      config_file=[str(f) for f in files], n=2, device="cpu")
 
 
 # ---- runs --------------------------------------------------------------------------------------------------
@@ -109,8 +120,8 @@ def test_caid_trains_and_embeds(caid_run, hippo):
     assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
     assert (caid_run / "checkpoints" / "last.pt").is_file()
     assert list((caid_run / "tensorboard").iterdir())
-    run_bundle("caid", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(caid_run),
-         pad_size=[32, 48, 32], **TINY)
+    run_bundle("caid", ["train.json", "inference.json"], dataset_dir=str(hippo / "imagesTr"),
+               output_dir=str(caid_run), pad_size=[32, 48, 32], **TINY)
     vectors = sorted((caid_run / "embeddings").glob("*.npy"))
     assert len(vectors) == 6
     emb = np.stack([np.load(v) for v in vectors])
@@ -162,7 +173,7 @@ def test_ssl_resume_matches_uninterrupted(hippo, tmp_path):
 
 
 @pytest.mark.slow
-def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
+def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path, capsys):
     ckpt = caid_run / "models" / "model.pt"
     common = {"dataset_dir": str(hippo), "output_dir": str(tmp_path), "roi_size": [16, 32, 16], **TINY}
     wf = bundle_workflow("fewshot_segmentation", **common, pretrained_checkpoint=str(ckpt), num_labeled=2, seed=1,
@@ -178,12 +189,18 @@ def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path):
     wf.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
 
-    run_bundle("fewshot_segmentation", "evaluate.json", **common)
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "dice_per_volume.csv")))
-    assert len(rows) == 6 and list(rows[0]) == ["case", "anterior", "posterior", "mean"]
-    summary = json.loads((tmp_path / "eval" / "dice_summary.json").read_text())
-    assert summary["n_volumes"] == 6 and 0 <= summary["mean_dice"]["mean"] <= 1
-    assert summary["mean_dice"]["mean"] == pytest.approx(np.mean([float(r["mean"]) for r in rows]), abs=1e-5)
+    capsys.readouterr()
+    run_bundle("fewshot_segmentation", ["train.json", "evaluate.json"], **common)  # MONAI's MetricsSaver files
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_raw.csv")))
+    assert len(rows) == 6 and list(rows[0]) == ["filename", "class0", "class1", "mean"]
+    assert sorted(Path(r["filename"]).name for r in rows) == sorted(p.name for p in (hippo / "imagesTr").iterdir())
+    mean_dice = float(dict(csv.reader(open(tmp_path / "eval" / "metrics.csv")))["val_mean_dice"])
+    per_case = np.array([[float(r["class0"]), float(r["class1"])] for r in rows])
+    assert 0 <= mean_dice <= 1 and mean_dice == pytest.approx(np.nanmean(per_case), abs=1e-4)
+    summary = list(csv.DictReader(open(tmp_path / "eval" / "val_mean_dice_summary.csv")))
+    assert [r["class"] for r in summary] == ["class0", "class1", "mean"]
+    printed = capsys.readouterr().out
+    assert f"val_mean_dice {mean_dice:.4f} over 6 volumes (anterior " in printed and str(tmp_path / "eval") in printed
 
     run_bundle("fewshot_segmentation", "inference.json", **{**common, "dataset_dir": str(hippo / "imagesTr")})
     for image in sorted((hippo / "imagesTr").iterdir()):

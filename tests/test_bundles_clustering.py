@@ -71,11 +71,15 @@ def test_clustering_config_defaults(bundle):
     train = json.loads((root / "configs" / "train.json").read_text())
     for key in ("split_file", "seed", "resume", "preset"):
         assert key in train, f"{bundle}/train.json lacks {key}"
-    assert train["preset"] == "mri" and train["backbone_options"]["unet"]["norm"] == "instance"
+    assert train["preset"] == "mri"
     if bundle == "pixel_clustering":
         assert "cluster" in train and train["num_clusters"] == 10
     fewshot = json.loads((BUNDLES_DIR / "fewshot_segmentation" / "configs" / "train.json").read_text())
     assert train["backbone_options"] == fewshot["backbone_options"]  # same norm as fine-tuning
+    parser = ConfigParser(train)
+    parser.update({"bundle_root": str(root)})
+    assert type(parser.get_parsed_content("network_def").encoder.levels[0].convs[0].adn.N).__name__ == \
+        "InstanceNorm3d"
 
 
 # ---- patch-level runs ----------------------------------------------------------------------------------------
@@ -94,8 +98,8 @@ def test_patch_trains_embeds_and_feeds_fewshot(patch_run, hippo):
     for key, value in net.state_dict().items():
         if key.startswith("encoder."):
             torch.testing.assert_close(value, state[key], msg=key)
-    run_bundle("patch_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(patch_run),
-         pad_size=[32, 48, 32], **TINY)
+    run_bundle("patch_clustering", ["train.json", "inference.json"], dataset_dir=str(hippo / "imagesTr"),
+               output_dir=str(patch_run), pad_size=[32, 48, 32], **TINY)
     emb = np.stack([np.load(v) for v in sorted((patch_run / "embeddings").glob("*.npy"))])
     assert emb.shape == (6, 16) and np.isfinite(emb).all() and emb.std(axis=0).max() > 0
 
@@ -151,8 +155,8 @@ def test_pixel_cluster_then_train_then_infer(hippo, tmp_path, count_fits):
     report = load_pretrained(net, tmp_path / "models" / "model.pt")  # encoder + decoder, as fewshot does
     assert not report["skipped_shape"] and not report["missing"]
 
-    run_bundle("pixel_clustering", "inference.json", dataset_dir=str(hippo / "imagesTr"), output_dir=str(tmp_path),
-         num_clusters=K, **TINY)
+    run_bundle("pixel_clustering", ["train.json", "inference.json"], dataset_dir=str(hippo / "imagesTr"),
+               output_dir=str(tmp_path), num_clusters=K, **TINY)
     for image in sorted((hippo / "imagesTr").iterdir()):
         out = nib.load(tmp_path / "cluster_maps" / image.name.replace(".nii.gz", "_clusters.nii.gz"))
         src = nib.load(image)

@@ -46,7 +46,7 @@ def _bags(out: Path) -> dict[str, np.ndarray]:
 def checkpoint(tmp_path_factory) -> Path:
     """A freshly initialised tiny encoder built from the bundle's own network_def."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")])
     parser.update({"bundle_root": str(BUNDLE), **TINY})
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"

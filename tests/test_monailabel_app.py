@@ -45,9 +45,11 @@ def test_prepare_app_layout_and_overrides(app_dir, tmp_path):
     for f in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "LICENSE", "docs/README.md",
               "models/model.pt"):
         assert (model / f).is_file(), f
-    for config in ("inference.json", "train.json", "evaluate.json"):
+    for config in ("inference.json", "train.json"):  # evaluate.json is an overlay of train.json: it inherits them
         data = json.loads((model / "configs" / config).read_text())
         assert data["preset"] == "ct" and data["spacing"] == [2, 2, 2] and data["backbone_options"] == TINY
+    evaluate = json.loads((model / "configs" / "evaluate.json").read_text())
+    assert not {"preset", "spacing", "backbone_options"} & set(evaluate)
     assert app.command(studies="/data/studies", port=8123) == (
         f"monailabel start_server --app {app_dir} --studies /data/studies --conf models seg_ct "
         "--conf zoo_source github --host 127.0.0.1 --port 8123")

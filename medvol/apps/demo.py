@@ -32,20 +32,25 @@ def _bundles_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bundles"
 
 
-def _bundle(name: str, config: str, **overrides):
-    """Run ``config`` of bundle ``name`` in this process; print the equivalent command line."""
+def _bundle(name: str, overlay: str | None = None, **overrides):
+    """Run bundle ``name``'s train.json (with the ``overlay``, e.g. ``evaluate.json``) in this process; print the
+    equivalent command line."""
     from monai.bundle import ConfigWorkflow
 
     root = _bundles_dir() / name
+    configs = ["train.json"] + ([overlay] if overlay else [])
     args = " ".join(f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in overrides.items())
-    print(f"  $ python -m monai.bundle run --config_file bundles/{name}/configs/{config} "
-          f"--bundle_root bundles/{name} {args}", flush=True)
-    wf = ConfigWorkflow(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
+    files = ",".join(f"'bundles/{name}/configs/{c}'" for c in configs)
+    config_arg = f'"[{files}]"' if overlay else f"bundles/{name}/configs/train.json"
+    print(f"  $ python -m monai.bundle run --config_file {config_arg} --bundle_root bundles/{name} {args}", flush=True)
+    wf = ConfigWorkflow(config_file=[str(root / "configs" / c) for c in configs],
+                        meta_file=str(root / "configs" / "metadata.json"),
                         logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
                         bundle_root=str(root), **overrides)
     wf.initialize()
     wf.run()
     wf.finalize()
+    return wf
 
 
 def _preprocess_all(data: Path, output: Path, main) -> int:
@@ -71,17 +76,17 @@ def _pretrain_and_finetune(data: Path, output: Path) -> dict:
     split.write_text(json.dumps({"pool": cases[:14], "test": cases[14:]}, indent=1))
     common = {"dataset_dir": str(data / "hippocampus"), "split_file": str(split), "backbone_options": TINY_UNET}
     print("[2.1] CAiD pretraining on the 14 pool images (labels unused)", flush=True)
-    _bundle("caid", "train.json", **common, output_dir=str(output / "caid"), max_epochs=5, batch_size=4,
+    _bundle("caid", **common, output_dir=str(output / "caid"), max_epochs=5, batch_size=4,
             val_fraction=0.15)
     results = {}
     for i, (init, ckpt) in enumerate([("scratch", None), ("caid", str(output / "caid" / "models" / "model.pt"))]):
         out = output / f"fewshot_{init}"
         print(f"[2.{2 + 2 * i}] fine-tune with 2 labeled volumes, init = {init}", flush=True)
-        _bundle("fewshot_segmentation", "train.json", **common, output_dir=str(out), num_labeled=2, seed=0,
+        _bundle("fewshot_segmentation", **common, output_dir=str(out), num_labeled=2, seed=0,
                 pretrained_checkpoint=ckpt, max_epochs=8, iterations_per_epoch=10)
         print(f"[2.{3 + 2 * i}] evaluate on the {len(cases) - 14} held-out volumes", flush=True)
-        _bundle("fewshot_segmentation", "evaluate.json", **common, output_dir=str(out))
-        results[init] = json.loads((out / "eval" / "dice_summary.json").read_text())["mean_dice"]["mean"]
+        wf = _bundle("fewshot_segmentation", "evaluate.json", **common, output_dir=str(out))
+        results[init] = float(wf.parser.get_parsed_content("evaluator").state.metrics["val_mean_dice"])
     return results
 
 

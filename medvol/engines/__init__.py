@@ -1,4 +1,5 @@
-"""medvol.engines: the self-supervised trainer/evaluator on monai.engines, deterministic data, handlers."""
+"""medvol.engines: the self-supervised trainer/evaluator on monai.engines, deterministic data, handlers, and the
+standard bundle workflow built from them (:mod:`medvol.engines.workflow`)."""
 
 from medvol.engines import config
 from medvol.engines.data import SeededDataset, SeededSampler, make_loader, sample_seed
@@ -12,5 +13,17 @@ from medvol.engines.handlers import (
     scalar_outputs,
     warmup_cosine_schedule,
 )
-from medvol.engines.reports import DiceReport, dice_per_class
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
+from medvol.engines.workflow import (
+    MetricsReport,
+    build_evaluator,
+    build_inference,
+    build_segmentation_evaluator,
+    build_trainer,
+    default_device,
+    destroy_process_group,
+    inference_dataset,
+    lower_is_better,
+    prepare_network,
+    segmentation_writer,
+)

@@ -11,11 +11,12 @@ which MONAI's workflows already call ``set_epoch`` on).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.transforms import Compose, Randomizable, apply_transform
+from monai.transforms import Compose, EnsureTyped, Randomizable, SelectItemsd, apply_transform
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -88,16 +89,29 @@ class SeededDataset(Dataset):
         deterministic: transforms applied once and cached (loading, preprocessing).
         random: transforms applied per access, seeded by the sampler's ``sample_seed``.
         cache_rate, num_workers: as in ``monai.data.CacheDataset`` (``num_workers`` = caching threads).
+        keys: the items a sample keeps after the random transforms, as plain tensors (``SelectItemsd`` then
+            ``EnsureTyped(track_meta=False)``), e.g. a method's ``batch_keys``; None keeps every item as it is.
 
-    Items are addressed by ``(index, seed)`` (from :class:`SeededSampler`) or by a plain index (seed 0).
+    ``deterministic`` and ``random`` may be one transform or a list. Items are addressed by ``(index, seed)``
+    (from :class:`SeededSampler`) or by a plain index (seed 0).
     """
 
     def __init__(self, data, deterministic, random=None, cache_rate: float = 1.0, num_workers: int | None = 0,
-                 progress: bool = False):
+                 progress: bool = False, keys: Sequence[str] | None = None):
         # flatten: a nested Compose counts as random for CacheDataset, which would then cache nothing
         self.base = CacheDataset(data, transform=Compose(deterministic).flatten(), cache_rate=cache_rate,
                                  num_workers=num_workers, progress=progress, copy_cache=True)
-        self.random = Compose(random or [])
+        random = [] if random is None else list(random) if isinstance(random, (list, tuple)) else [random]
+        if keys is not None:  # not Randomizable: the seeds drawn for the random transforms stay the same
+            keys = list(keys)
+            random += [SelectItemsd(keys), EnsureTyped(keys, track_meta=False)]
+        self.random = Compose(random)
+        self.cache_rate, self.num_workers, self.progress = cache_rate, num_workers, progress
+
+    def like(self, data) -> SeededDataset:
+        """A dataset over other ``data`` with the same transforms and caching (e.g. the validation split)."""
+        return SeededDataset(data, self.base.transform, list(self.random.transforms), cache_rate=self.cache_rate,
+                             num_workers=self.num_workers, progress=self.progress)
 
     def __len__(self) -> int:
         return len(self.base)

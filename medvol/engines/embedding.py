@@ -106,7 +106,7 @@ def _parser(bundle: Path, overrides: Mapping | None):
     if not config.is_file():
         raise ConfigError(f"bundle {bundle} has no configs/inference.json")
     parser = ConfigParser()
-    parser.read_config(str(config))
+    parser.read_config([str(f) for f in (config.with_name("train.json"), config) if f.is_file()])  # an overlay
     parser.update({"bundle_root": str(bundle), **dict(overrides or {})})
     return parser
 

@@ -124,15 +124,16 @@ class ModelSaver:
         path: destination (e.g. ``{output_dir}/models/model.pt``, the MONAI zoo convention).
         network: the module to save (the backbone, not the whole method).
         metric_name: engine metric to track (e.g. ``"val_loss"``); None saves every epoch.
-        mode: ``"min"`` or ``"max"``.
+        mode: ``"min"``, ``"max"``, or None to compare with the attached engine's ``metric_cmp_fn`` (the same
+            "better" test MONAI's workflow uses for its best metric).
         group_fn: optional callable returning the current "group" (e.g. the training stage); when it changes,
             the best value is forgotten, because losses of different stages are not comparable.
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module, metric_name: str | None = None,
-                 mode: str = "min", group_fn=None):
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+                 mode: str | None = "min", group_fn=None):
+        if mode not in ("min", "max", None):
+            raise ValueError(f"mode must be 'min', 'max' or None, got {mode!r}")
         self.path, self.network, self.metric_name, self.mode = Path(path), network, metric_name, mode
         self.group_fn = group_fn
         self.best: float | None = None
@@ -141,9 +142,11 @@ class ModelSaver:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def _better(self, value: float) -> bool:
+    def _better(self, value: float, engine: Engine) -> bool:
         if self.best is None:
             return True
+        if self.mode is None:
+            return bool(engine.metric_cmp_fn(value, self.best))
         return value < self.best if self.mode == "min" else value > self.best
 
     def __call__(self, engine: Engine) -> None:
@@ -153,7 +156,7 @@ class ModelSaver:
                 self.group, self.best = group, None
         if self.metric_name is not None:
             value = float(engine.state.metrics[self.metric_name])
-            if not self._better(value):
+            if not self._better(value, engine):
                 return
             self.best = value
         if _is_rank0():

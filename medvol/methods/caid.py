@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medvol.engines.handlers import MomentumUpdateHandler, QueueUpdateHandler
 from medvol.losses import MoCoLoss, RestorationLoss
 from medvol.methods.base import SSLMethod
 from medvol.networks import GlobalPoolHead, MoCoQueue, copy_momentum_encoder
@@ -41,14 +42,17 @@ class CAiD(SSLMethod):
         lambda_id: weight of the instance-discrimination loss (1).
         lambda_restore: weight of the restoration loss (10).
         restoration: ``"mse"`` (CAiD) or ``"l1"``.
+        momentum: EMA momentum of the key branch, updated after every step (0.999).
 
     Raises:
         ValueError: when the backbone cannot restore its input (out_channels != in_channels).
     """
 
+    batch_keys = ("image_v1", "image_v2", "target_v1")
+
     def __init__(self, backbone, proj_dim: int = 128, hidden_dim: int = 512, queue_size: int = 4096,
                  temperature: float = 0.2, lambda_id: float = 1.0, lambda_restore: float = 10.0,
-                 restoration: str = "mse"):
+                 restoration: str = "mse", momentum: float = 0.999):
         super().__init__(backbone)
         if backbone.out_channels != backbone.in_channels:
             raise ValueError(f"CAiD restores its input: the backbone needs out_channels == in_channels "
@@ -60,6 +64,10 @@ class CAiD(SSLMethod):
         self.contrastive = MoCoLoss(temperature)
         self.restoration = RestorationLoss(restoration)
         self.lambda_id, self.lambda_restore = lambda_id, lambda_restore
+        self.momentum = momentum
+
+    def train_handlers(self) -> list:
+        return [MomentumUpdateHandler(self.momentum), QueueUpdateHandler()]
 
     def momentum_pairs(self):
         return [(self.backbone, self.key_backbone), (self.head, self.key_head)]

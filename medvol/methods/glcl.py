@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from medvol.engines.handlers import EpochHookHandler
 from medvol.losses import InfoNCELoss, LocalContrastiveLoss
 from medvol.methods.base import SSLMethod
 from medvol.networks import ConvProjectionHead, GlobalPoolHead
@@ -72,6 +73,8 @@ class GlobalLocalContrastive(SSLMethod):
         local_grid, local_region: region grid and window size of the local loss.
     """
 
+    batch_keys = ("image_g1", "image_g2", "image_l1", "image_l2", "partition", "case_index")
+
     def __init__(self, backbone, strategy: str = "GD", global_epochs: int | None = None, proj_dim: int = 128,
                  hidden_dim: int = 512, temperature: float = 0.1, local_levels: int = 3, local_proj_dim: int = 32,
                  local_grid=(3, 3, 3), local_region: int = 3, local_temperature: float = 0.1):
@@ -88,6 +91,12 @@ class GlobalLocalContrastive(SSLMethod):
         self.global_loss = InfoNCELoss(temperature)
         self.local_loss = LocalContrastiveLoss(local_temperature, grid_size=local_grid, region_size=local_region)
         self.stage = "global"
+
+    def train_handlers(self) -> list:
+        return [EpochHookHandler()]
+
+    def selection_group(self) -> str:
+        return self.stage
 
     def on_epoch_start(self, epoch: int) -> None:
         local = self.global_epochs is not None and epoch > self.global_epochs

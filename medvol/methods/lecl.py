@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medvol.engines.handlers import MomentumUpdateHandler
 from medvol.losses import LeCLLoss
 from medvol.methods.base import SSLMethod
 from medvol.networks import PredictionHead, ProjectionHead, copy_momentum_encoder
@@ -42,6 +43,8 @@ class LeCL(SSLMethod):
         pred_hidden_dim: hidden size of the 2-layer predictor (4096 in MoCo v3).
         temperature: softmax temperature T (1.0 in CLEAR's code; MoCo v3 uses 0.2 for ViTs).
         lesion_weight: weight w of the extra lesion terms (CLEAR's ``--sample-weight``).
+        momentum, momentum_schedule: EMA momentum of the momentum branch after every step, ``"constant"`` or
+            ``"cosine"`` (rising to 1 over training, MoCo v3 / BYOL); default 0.99, cosine.
 
     Raises:
         ValueError: when the encoder has no integer ``out_dim``.
@@ -55,8 +58,12 @@ class LeCL(SSLMethod):
         torch.Size([])
     """
 
+    batch_keys = ("image_v1", "image_v2", "is_lesion")
+    find_unused_parameters = False  # every online parameter gets a gradient at every step
+
     def __init__(self, encoder: nn.Module, proj_dim: int = 256, hidden_dim: int = 1024, pred_hidden_dim: int = 1024,
-                 temperature: float = 1.0, lesion_weight: float = 1.0):
+                 temperature: float = 1.0, lesion_weight: float = 1.0, momentum: float = 0.99,
+                 momentum_schedule: str = "cosine"):
         super().__init__(encoder)
         out_dim = getattr(encoder, "out_dim", None)
         if not isinstance(out_dim, int) or out_dim < 1:
@@ -67,6 +74,10 @@ class LeCL(SSLMethod):
         self.momentum_backbone = copy_momentum_encoder(encoder)
         self.momentum_projector = copy_momentum_encoder(self.projector)
         self.criterion = LeCLLoss(temperature, lesion_weight)
+        self.momentum, self.momentum_schedule = momentum, momentum_schedule
+
+    def train_handlers(self) -> list:
+        return [MomentumUpdateHandler(self.momentum, self.momentum_schedule)]
 
     def momentum_pairs(self):
         return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]

@@ -70,6 +70,8 @@ class PatchClustering(SSLMethod):
         torch.Size([])
     """
 
+    batch_keys = ("image_v1", "image_v2", "box_v1", "box_v2")
+
     def __init__(self, backbone, proj_dim: int = 64, num_prototypes: int = 50, temperature: float = 0.1,
                  sinkhorn_iters: int = 3, epsilon: float = 0.05, token_level: int | None = None,
                  points_per_axis: int | None = None, sinkhorn_distributed: bool = False):

@@ -51,6 +51,8 @@ class PixelClustering(SSLMethod):
         torch.Size([])
     """
 
+    batch_keys = ("image_v1", "image_v2", "pseudolabel_v1", "pseudolabel_v2", "box_v1", "box_v2")
+
     def __init__(self, backbone, num_clusters: int = 10):
         super().__init__(backbone)
         if num_clusters < 2:

@@ -14,7 +14,7 @@ encoder + decoder) transfer is a prefix filter: see :func:`medvol.networks.load_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from medvol.errors import ConfigError
 
-__all__ = ["Backbone", "BACKBONES", "register_backbone", "build_backbone", "resolve_norm"]
+__all__ = ["Backbone", "BACKBONES", "DEFAULT_OPTIONS", "register_backbone", "build_backbone", "resolve_norm"]
 
 NORMS = ("instance", "group", "batch")
 
@@ -136,13 +136,27 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
     return add
 
 
-def build_backbone(name: str = "unet", **kwargs: Any) -> Backbone:
+#: medvol's default settings per backbone (what every bundle trains), under ``options`` and keyword arguments:
+#: a 4-level U-Net with instance norm, and a small SwinUNETR (feature size 12) for volumes of a few cm.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "unet": {"channels": (16, 32, 64, 128), "norm": "instance"},
+    "swinunetr": {"feature_size": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)},
+}
+
+
+def build_backbone(name: str = "unet", options: Mapping[str, Mapping[str, Any]] | None = None,
+                   **kwargs: Any) -> Backbone:
     """Build a registered backbone by name.
+
+    The constructor gets :data:`DEFAULT_OPTIONS` for ``name``, updated by ``options[name]`` (a bundle's
+    ``backbone_options``: settings per backbone name, so switching ``backbone`` needs no other change), updated
+    by ``kwargs``.
 
     Args:
         name: ``"unet"`` (:class:`~medvol.networks.UNet3D`) or ``"swinunetr"``
             (:class:`~medvol.networks.SwinBackbone`), case-insensitive.
-        kwargs: passed to the backbone's constructor.
+        options: settings keyed by lower-case backbone name; entries of other backbones are ignored.
+        kwargs: passed to the backbone's constructor (e.g. ``in_channels``, ``out_channels``).
 
     Raises:
         ConfigError: when ``name`` is not registered (the message lists the valid names).
@@ -155,4 +169,5 @@ def build_backbone(name: str = "unet", **kwargs: Any) -> Backbone:
     key = str(name).lower()
     if key not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}.")
-    return BACKBONES[key](**kwargs)
+    chosen = dict((options or {}).get(key) or {})
+    return BACKBONES[key](**{**DEFAULT_OPTIONS.get(key, {}), **chosen, **kwargs})

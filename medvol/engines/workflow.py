@@ -1,0 +1,405 @@
+"""The standard bundle workflow, built from a few arguments: trainer, evaluators, inference, device and DDP.
+
+Every medvol bundle trains the same way: a seeded loader over its dataset, a per-iteration linear warm-up + cosine
+learning-rate schedule, the method's own handlers (momentum, queue, epoch hook: ``method.train_handlers()``),
+validation every epoch with the best backbone kept as ``output_dir/models/model.pt`` (every epoch when there is no
+validation), a resumable ``output_dir/checkpoints/last.pt``, console and TensorBoard statistics and a progress
+bar. :func:`build_trainer` assembles that from MONAI's handlers (``LrScheduleHandler``, ``ValidationHandler``,
+``StatsHandler``, ``TensorBoardStatsHandler``) and medvol's (:class:`ModelSaver`, :class:`ResumableCheckpoint`),
+so a bundle's ``train.json`` states only what is particular to it: hyper-parameters, network, method, optimizer,
+views. :func:`build_evaluator` (validation losses of a self-supervised method), :func:`build_segmentation_evaluator`
+(Dice, with MONAI's ``MeanDice`` and ``MetricsSaver``) and :func:`build_inference` (an ``inference.json``'s
+evaluator) do the same for the other workflows; :func:`default_device` and :func:`prepare_network` cover device
+choice and DistributedDataParallel, so ``multi_gpu_train.json`` only sets ``train#trainer#multi_gpu``.
+
+Example (what a self-supervised bundle's ``train#trainer`` instantiates)::
+
+    trainer = build_trainer(method, optimizer, SeededDataset(train_items, preprocessing, views, method.batch_keys),
+                            max_epochs=100, output_dir="runs/caid", val_data=val_items, batch_size=8)
+    trainer.run()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from ignite.metrics import Average
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import (
+    CheckpointLoader,
+    LrScheduleHandler,
+    MeanDice,
+    MetricsSaver,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SaveImaged
+from torch import nn
+
+from medvol.engines.config import require_file
+from medvol.engines.data import make_loader
+from medvol.engines.handlers import ModelSaver, ResumableCheckpoint, scalar_outputs, warmup_cosine_schedule
+from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
+from medvol.io.datalist import image_datalist
+from medvol.networks.momentum import unwrap_module
+
+__all__ = [
+    "default_device",
+    "prepare_network",
+    "destroy_process_group",
+    "lower_is_better",
+    "build_trainer",
+    "build_evaluator",
+    "build_segmentation_evaluator",
+    "MetricsReport",
+    "inference_dataset",
+    "segmentation_writer",
+    "build_inference",
+]
+
+logger = logging.getLogger("medvol.engines")
+
+
+# ---- device and DDP ------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under torchrun, else ``cuda:0`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def prepare_network(module: nn.Module, device: torch.device | str, multi_gpu: bool = False,
+                    channels_last: bool = False) -> nn.Module:
+    """``module`` on ``device``; with ``multi_gpu`` wrapped in ``DistributedDataParallel``.
+
+    With ``multi_gpu`` the process group is initialised first when needed (NCCL on CUDA, gloo on CPU; torchrun's
+    environment gives rank and world size) and the CUDA device is made current. ``find_unused_parameters`` is
+    the module's attribute of that name (``SSLMethod`` sets it per method), ``False`` when absent.
+
+    Args:
+        module: the method or network.
+        device: where it runs (see :func:`default_device`).
+        multi_gpu: wrap in DDP (the ``multi_gpu_train.json`` overlay sets it).
+        channels_last: use the ``channels_last_3d`` memory format (a plain network under MONAI's
+            ``SupervisedTrainer``; :class:`SSLTrainer` converts the method itself).
+    """
+    device = torch.device(device)
+    if multi_gpu:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    module = module.to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last_3d)
+    if not multi_gpu:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(module, "find_unused_parameters", False)))
+
+
+def destroy_process_group() -> None:
+    """Tear down the process group if one is initialised (``finalize`` of ``multi_gpu_train.json``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lower_is_better(current: float, prev: float) -> bool:
+    """``metric_cmp_fn`` for losses: MONAI starts ``best_metric`` at -1, so a negative ``prev`` means "none yet"."""
+    return prev < 0 or current < prev
+
+
+def _loss(output: dict) -> torch.Tensor:
+    return output["loss"]
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+
+def build_trainer(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset,
+    max_epochs: int,
+    output_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    samples_per_volume: int | None = None,
+    iterations_per_epoch: int | None = None,
+    warmup_epochs: float = 0,
+    val_data: Sequence | None = None,
+    validator: Engine | None = None,
+    train_handlers: Sequence | None = None,
+    resume: bool = False,
+    amp: bool = False,
+    multi_gpu: bool = False,
+    loss_function: Callable | None = None,
+    inferer: Inferer | None = None,
+    channels_last: bool = True,
+):
+    """The standard medvol trainer with its handlers (and, for a self-supervised method, its validation).
+
+    Without ``loss_function`` it is an :class:`SSLTrainer` of a self-supervised method (``network(batch)``
+    returns the losses); with one, MONAI's ``SupervisedTrainer`` (``loss_function(inferer(image, network),
+    label)``). Handlers, in this order: ``train_handlers`` (e.g. the ``CheckpointLoader`` MONAI Label inserts);
+    ``LrScheduleHandler`` stepping :func:`warmup_cosine_schedule` every iteration; the method's
+    ``train_handlers()`` (momentum / queue / epoch hooks); a ``ValidationHandler`` running the validator every
+    epoch with a :class:`ModelSaver` on it that keeps the best backbone as ``output_dir/models/model.pt`` (it
+    compares with the validator's own ``metric_cmp_fn``; without validation, or with an empty validation set,
+    the backbone is saved every epoch); :class:`ResumableCheckpoint` (``output_dir/checkpoints/last.pt``, loaded
+    when ``resume``); ``StatsHandler``; ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a progress bar.
+
+    The saved backbone is ``network.backbone`` when the network has one (an ``SSLMethod``), else the network.
+    The checkpoint stores the unwrapped network as ``"method"`` (self-supervised) or ``"network"``
+    (supervised), next to ``"optimizer"``, ``"lr_scheduler"`` and ``"best_model"``. The trainer exposes
+    ``validator``, ``lr_scheduler`` and ``model_saver``.
+
+    Args:
+        network: the method or network (moved to ``device``).
+        optimizer: its optimizer.
+        dataset: a :class:`~medvol.engines.SeededDataset` (loaded with a :class:`SeededSampler`).
+        max_epochs: epochs to train (the schedule spans them).
+        output_dir: run folder (``models/``, ``checkpoints/``, ``tensorboard/``).
+        device, amp: as in MONAI's trainers (AMP is used on CUDA only).
+        batch_size, seed, num_workers: loader settings; the last incomplete batch is dropped when there are
+            more draws than ``batch_size`` (unless ``iterations_per_epoch`` is set).
+        samples_per_volume: draws per volume and epoch (default 1: one pass over the dataset).
+        iterations_per_epoch: fixed epoch length; draws per epoch are ``iterations_per_epoch * batch_size``.
+        warmup_epochs: epochs of linear learning-rate warm-up.
+        val_data: validation items of a self-supervised method: its losses on ``dataset.like(val_data)``
+            (same views, drawn with ``seed + 1``) every epoch, by :func:`build_evaluator`.
+        validator: an evaluator to run every epoch instead (e.g. :func:`build_segmentation_evaluator`).
+        train_handlers: extra handlers, attached first.
+        resume: continue from ``checkpoints/last.pt`` when it exists.
+        multi_gpu: wrap the network in ``DistributedDataParallel`` (:func:`prepare_network`); the
+            ``multi_gpu_train.json`` overlay sets it.
+        loss_function, inferer: supervised training (inferer default: ``SimpleInferer``).
+        channels_last: ``channels_last_3d`` batches (and, for a method, network).
+    """
+    output_dir, device = Path(output_dir), torch.device(device)
+    module = unwrap_module(network)
+    network = prepare_network(module, device, multi_gpu=multi_gpu)
+    per_volume = 1 if samples_per_volume is None else int(samples_per_volume)
+    num_samples = int(iterations_per_epoch) * int(batch_size) if iterations_per_epoch is not None else \
+        (None if per_volume == 1 else len(dataset) * per_volume)
+    draws = len(dataset) if num_samples is None else num_samples
+    loader = make_loader(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                         drop_last=iterations_per_epoch is None and draws > batch_size, num_samples=num_samples)
+    steps = int(iterations_per_epoch) if iterations_per_epoch is not None else len(loader)
+    lr_scheduler = warmup_cosine_schedule(optimizer, total_steps=max_epochs * steps,
+                                          warmup_steps=math.floor(warmup_epochs * steps))
+    if validator is None and val_data is not None:
+        val_dataset = dataset.like(val_data)
+        validator = build_evaluator(network, val_dataset, device=device, batch_size=batch_size, seed=seed,
+                                    num_samples=len(val_dataset) * per_volume if per_volume != 1 else None,
+                                    amp=amp, channels_last=channels_last)
+    model_path = output_dir / "models" / "model.pt"
+    model = getattr(module, "backbone", module)
+
+    handlers = list(train_handlers or [])
+    handlers.append(LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False))
+    handlers += list(module.train_handlers()) if hasattr(module, "train_handlers") else []
+    if validator is not None and len(validator.data_loader) > 0:
+        saver = ModelSaver(model_path, model, metric_name=validator.state.key_metric_name, mode=None,
+                           group_fn=getattr(module, "selection_group", None))
+        saver.attach(validator)
+        handlers.append(ValidationHandler(validator=validator, interval=1, epoch_level=True))
+    else:
+        saver = ModelSaver(model_path, model)
+        handlers.append(saver)
+    supervised = loss_function is not None
+    handlers.append(ResumableCheckpoint(output_dir / "checkpoints", {
+        "network" if supervised else "method": module, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+        "best_model": saver}, resume=resume))
+    if supervised:
+        loss_of = from_engine(["loss"], first=True)
+        tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train_loss",
+                                              output_transform=loss_of)
+    else:
+        loss_of = _loss
+        tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train",
+                                              output_transform=scalar_outputs)
+    handlers += [StatsHandler(tag_name="train_loss", iteration_log=False), tensorboard, ProgressBar(persist=True)]
+    common = dict(device=device, max_epochs=max_epochs, train_data_loader=loader, network=network,
+                  optimizer=optimizer, epoch_length=iterations_per_epoch, train_handlers=handlers, amp=amp,
+                  key_train_metric={"train_loss": Average(output_transform=loss_of)}, metric_cmp_fn=lower_is_better)
+    if supervised:
+        trainer = SupervisedTrainer(loss_function=loss_function, inferer=inferer or SimpleInferer(),
+                                    prepare_batch=prepare_supervised_batch,
+                                    to_kwargs={"channels_last": channels_last}, **common)
+    else:
+        trainer = SSLTrainer(channels_last=channels_last, **common)
+    trainer.validator, trainer.lr_scheduler, trainer.model_saver = validator, lr_scheduler, saver
+    return trainer
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+
+
+def build_evaluator(network: nn.Module, dataset, device: torch.device | str = "cpu", batch_size: int = 1,
+                    seed: int = 0, num_samples: int | None = None, amp: bool = False, channels_last: bool = True,
+                    val_handlers: Sequence | None = None) -> SSLEvaluator:
+    """Validation losses of a self-supervised method: :class:`SSLEvaluator` with key metric ``val_loss``.
+
+    The views are drawn with ``seed + 1`` (not the training draws), in a fixed order; ``num_samples`` as in
+    :func:`build_trainer`. Lower is better (:func:`lower_is_better`); a ``StatsHandler`` logs the epoch's losses.
+    """
+    num_samples = num_samples if len(dataset) else None  # an empty validation set gives an empty loader
+    loader = make_loader(dataset, batch_size=batch_size, seed=seed + 1, shuffle=False, num_samples=num_samples)
+    handlers = [*(val_handlers or []), StatsHandler(tag_name="val", iteration_log=False)]
+    return SSLEvaluator(device=torch.device(device), val_data_loader=loader, network=network, amp=amp,
+                        key_val_metric={"val_loss": Average(output_transform=_loss)}, metric_cmp_fn=lower_is_better,
+                        val_handlers=handlers, channels_last=channels_last)
+
+
+class MetricsReport:
+    """Print an evaluation's metrics, per-class means and where ``MetricsSaver`` wrote its files, at the end.
+
+    Args:
+        save_dir: the ``MetricsSaver`` folder.
+        class_names: names of the classes of the metric details (background excluded), for the printed means.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, class_names: Sequence[str] | None = None):
+        self.save_dir, self.class_names = Path(save_dir), list(class_names or [])
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        details = getattr(engine.state, "metric_details", {}) or {}
+        for name, value in engine.state.metrics.items():
+            line = f"{name} {float(value):.4f}"
+            if name in details:
+                scores = torch.as_tensor(details[name], dtype=torch.float64)
+                per_class = scores.nanmean(dim=0).tolist() if scores.ndim == 2 else []
+                names = self.class_names if len(self.class_names) == len(per_class) else \
+                    [f"class{i}" for i in range(len(per_class))]
+                line += f" over {scores.shape[0]} volumes (" + ", ".join(
+                    f"{n} {v:.4f}" for n, v in zip(names, per_class)) + ")"
+            print(line, flush=True)
+        print(f"evaluation written to {self.save_dir} (metrics.csv, <metric>_raw.csv per volume, "
+              "<metric>_summary.csv)", flush=True)
+
+
+def _image_meta(batch) -> list[dict]:
+    return [item["image"].meta for item in batch]
+
+
+def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, num_classes: int,
+                                 device: torch.device | str = "cpu", amp: bool = False, num_workers: int = 0,
+                                 val_handlers: Sequence | None = None, checkpoint: str | os.PathLike | None = None,
+                                 metrics_dir: str | os.PathLike | None = None,
+                                 class_names: Sequence[str] | None = None) -> SupervisedEvaluator:
+    """Mean Dice of a segmentation network (MONAI ``SupervisedEvaluator`` with ``MeanDice``, key ``val_mean_dice``).
+
+    Prediction (argmax) and label are one-hot encoded with ``num_classes`` and Dice is computed per class without
+    the background (``include_background=False``; a class absent from the label gives NaN, left out of means).
+
+    Args:
+        network: the network, on its device.
+        dataset: (image, label) items, one volume per batch.
+        inferer: e.g. a ``SlidingWindowInferer``.
+        num_classes: classes including background.
+        device, amp: as in MONAI's evaluators.
+        num_workers: loader workers.
+        val_handlers: extra handlers (after the checkpoint loader).
+        checkpoint: load this state dict into ``network`` first (evaluation of a trained model).
+        metrics_dir: write MONAI ``MetricsSaver`` reports there (``metrics.csv``, ``val_mean_dice_raw.csv``:
+            Dice per volume and class, ``val_mean_dice_summary.csv``) and print the result
+            (:class:`MetricsReport`).
+        class_names: class names for the printed per-class means.
+
+    Raises:
+        ConfigError: when ``checkpoint`` does not exist.
+    """
+    device = torch.device(device)
+    handlers = []
+    if checkpoint is not None:
+        handlers.append(CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
+                                         load_dict={"model": unwrap_module(network)}, map_location=device))
+    handlers += [*(val_handlers or []), StatsHandler(iteration_log=False)]
+    if metrics_dir is not None:
+        handlers += [MetricsSaver(save_dir=str(metrics_dir), metrics="*", metric_details="*", summary_ops="*",
+                                  batch_transform=_image_meta), MetricsReport(metrics_dir, class_names)]
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    postprocessing = Compose([AsDiscreted("pred", argmax=True, to_onehot=num_classes),
+                              AsDiscreted("label", to_onehot=num_classes)])
+    metric = MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))
+    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network, inferer=inferer,
+                               postprocessing=postprocessing, prepare_batch=prepare_supervised_batch,
+                               key_val_metric={"val_mean_dice": metric}, val_handlers=handlers, amp=amp)
+
+
+# ---- inference -----------------------------------------------------------------------------------------------
+
+
+def inference_dataset(dataset_dir, *transforms) -> Dataset:
+    """Every image of ``dataset_dir`` (:func:`medvol.io.image_datalist`), transformed by ``transforms`` in order."""
+    return Dataset(image_datalist(dataset_dir), Compose(list(transforms)))
+
+
+def segmentation_writer(preprocessing, output_dir: str | os.PathLike, postfix: str = "seg") -> Compose:
+    """Postprocessing that writes label maps on each input's own grid: ``{case}_{postfix}.nii.gz``, uint8.
+
+    Softmax, ``Invertd`` of ``preprocessing`` (back to the input grid, before the argmax so probabilities are
+    interpolated), argmax, ``SaveImaged`` (flat in ``output_dir``). MONAI Label filters the ``SaveImaged`` out
+    and restores the result itself.
+    """
+    return Compose([
+        Activationsd("pred", softmax=True),
+        Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted("pred", argmax=True),
+        SaveImaged("pred", output_dir=str(output_dir), output_postfix=postfix, output_dtype=torch.uint8,
+                   resample=False, separate_folder=False, print_log=False),
+    ])
+
+
+def build_inference(network: nn.Module, dataset, postprocessing, checkpoint: str | os.PathLike,
+                    device: torch.device | str = "cpu", amp: bool = False, inferer: Inferer | None = None,
+                    weights: nn.Module | None = None, num_workers: int = 0) -> SupervisedEvaluator:
+    """The evaluator of an ``inference.json``: one volume per batch, ``checkpoint`` loaded first.
+
+    Args:
+        network: what maps an image to ``pred`` (moved to ``device``).
+        dataset: image items (:func:`inference_dataset`).
+        postprocessing: the writer (``SaveEmbeddingd``, :func:`segmentation_writer`, ...).
+        checkpoint: state dict (``models/model.pt``), loaded with MONAI's ``CheckpointLoader``.
+        device, amp: as in MONAI's evaluators.
+        inferer: default ``SimpleInferer``.
+        weights: the module the checkpoint belongs to, when ``network`` wraps it (e.g. the backbone inside
+            an ``EmbeddingNet``); default ``network``.
+        num_workers: loader workers.
+
+    Raises:
+        ConfigError: when ``checkpoint`` does not exist.
+    """
+    device = torch.device(device)
+    network = network.to(device)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    handlers = [CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
+                                 load_dict={"model": weights if weights is not None else network}, map_location=device),
+                StatsHandler(iteration_log=False)]
+    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
+                               inferer=inferer or SimpleInferer(), postprocessing=postprocessing,
+                               val_handlers=handlers, amp=amp)
