@@ -35,7 +35,7 @@ test-monailabel:
 	scripts/test_monailabel.sh $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check medvol tests benchmarks
+	$(BIN)/ruff check medvol tests benchmarks scripts
 	$(BIN)/python scripts/bundle_config_stats.py --check
 
 clean:

@@ -396,7 +396,8 @@ def _caid(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = ["--config_file", f"{configs}/train.json", "--bundle_root", "bundles/caid", "--logging_file",
             f"{configs}/logging.conf", "--dataset_dir", str(data), "--output_dir", str(out), "--batch_size", "2",
             "--val_fraction", "0.2", "--pad_size", "[32,48,32]", "--roi_size", "[16,16,16]",
-            "--backbone_options#unet#channels", "[4,8,16]", "--method#queue_size", "16", "--method#hidden_dim", "16",
+            "--backbone_options", "{'unet': {'channels': [4, 8, 16]}}", "--method#queue_size", "16",
+            "--method#hidden_dim", "16",
             *extra]
     return _run([sys.executable, "-m", "monai.bundle", "run", *args])
 
