@@ -47,3 +47,12 @@ def test_demo_fine_tunes_from_scratch_and_from_the_shipped_weights(demo_dir, tmp
     text = capsys.readouterr().out
     assert re.search(r"pretrained: \d\.\d{3}\s+\(seeds: \d\.\d{3}\)", text)
     assert "--pretrained_checkpoint" in text and str(DEMO_WEIGHTS) in text  # the equivalent command is shown
+
+
+def test_demo_outside_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
+    import medvol.apps.demo as demo
+
+    monkeypatch.setattr(demo, "_bundles_dir", lambda: tmp_path / "site-packages" / "bundles")
+    assert main(["demo", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the bundles are not beside the installed package" in err[0]

@@ -171,6 +171,10 @@ def run_demo(output: Path, data: Path | None = None, train: bool = True, command
     if command is None:
         raise ConfigError("run_demo needs command=medvol.apps.cli.main (run it as `medvol demo`)")
     data = Path(data) if data is not None else default_demo_data()
+    if train and not (_bundles_dir() / "fewshot_segmentation" / "configs" / "train.json").is_file():
+        raise ConfigError(f"the bundles are not beside the installed package ({_bundles_dir()} is missing): "
+                          "`medvol demo` runs from a source checkout (`pip install -e .`); --no-train only "
+                          "preprocesses")
     if not (data / "hippocampus").is_dir():
         raise ConfigError(f"demo data not found in {data}: pass --data DEMO_DATA_DIR (the repository's demo_data)")
     output = Path(output)
