@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"  # worker processes print the tracebacks of failed inputs too
     try:
         return args.func(args)
-    except UsageError as e:
+    except ConfigError as e:  # UsageError, and configuration errors raised below the command line
         _report(args, f"error: {e}", debug)
         return EXIT_USAGE
     except KeyboardInterrupt:
