@@ -188,3 +188,14 @@ def _torch_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def faiss_one_thread():
+    """One faiss thread: fast on a shared 2-core machine and deterministic (k-means tests use it)."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)

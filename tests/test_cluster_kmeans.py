@@ -19,14 +19,7 @@ from threadpoolctl import threadpool_limits
 from medvol.cluster import FeatureSampler, KMeans, kmeans_plusplus
 from medvol.errors import DataError
 
-
-@pytest.fixture(autouse=True)
-def _faiss_one_thread():
-    """One faiss thread: fast on a shared 2-core machine and deterministic."""
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def _voxel_features(path) -> np.ndarray:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import faiss
 import h5py
 import numpy as np
 import pytest
@@ -16,13 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 from medvol.cluster import KMeans
 from medvol.cluster.rows import count_bad_rows, is_batch_stream, row_chunks, take_rows
 
-
-@pytest.fixture(autouse=True)
-def _faiss_one_thread():
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def _mixture(n: int, k: int = 5, d: int = 8, seed: int = 0):

@@ -99,6 +99,15 @@ def _squeeze_to_3d(array: np.ndarray, source: str) -> np.ndarray:
     return array
 
 
+def _nifti_header_size(raw: bytes) -> int:
+    """``sizeof_hdr`` of a NIfTI header in either byte order: 348 (NIfTI-1), 540 (NIfTI-2), else 0."""
+    for order in ("little", "big"):
+        size = int.from_bytes(raw[:4], order) if len(raw) >= 4 else 0
+        if size in (348, 540):
+            return size
+    return 0
+
+
 def _read_nifti(path: Path) -> _Volume:
     raw = path.read_bytes()
     if path.name.lower().endswith(".gz"):
@@ -108,9 +117,7 @@ def _read_nifti(path: Path) -> _Volume:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(path, f"not a valid NIfTI file: corrupt or truncated gzip data ({_reason(e)})") from e
-    header_size = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
-    if header_size not in (348, 540):
-        header_size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else 0
+    header_size = _nifti_header_size(raw)
     image_class = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(header_size)
     if image_class is None:
         raise DataError(path, "not a valid NIfTI file (no NIfTI-1/2 header)")
@@ -245,9 +252,7 @@ def _nifti_header(path: Path):
             raw = f.read(540)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(path, f"not a valid NIfTI file: corrupt or truncated gzip data ({_reason(e)})") from e
-    size = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
-    if size not in (348, 540):
-        size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else 0
+    size = _nifti_header_size(raw)
     header_class = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
     if header_class is None or len(raw) < size:
         raise DataError(path, "not a valid NIfTI file (no NIfTI-1/2 header)")
