@@ -199,3 +199,16 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo the logging set-up of in-process bundle runs (``logging.conf`` points the root logger at the
+    sys.stdout of that test, which pytest closes afterwards: later log records would hit a closed stream)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
