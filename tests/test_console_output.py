@@ -1,8 +1,9 @@
 """What a user sees while a bundle trains: one line per epoch, one progress bar per epoch, the per-iteration detail
-at DEBUG."""
+at DEBUG; and evaluate.json's warning when it scores the training volumes too."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli
+from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, overlay
 
 TINY = "{'unet': {'channels': [4, 8, 16], 'norm': 'instance'}}"
 EPOCHS, ITERATIONS = 2, 3
@@ -118,3 +119,38 @@ def test_ssl_trainer_epoch_line_has_the_validation_loss(tmp_path, caplog):
     assert len(info) == 2, info
     assert re.fullmatch(r"epoch 1/2: train_loss \d+\.\d{4}, val_loss \d+\.\d{4} \(best \d+\.\d{4} at epoch 1\), "
                         r"model saved, \d+\.\d s", info[0]), info
+
+
+@pytest.mark.slow
+def test_evaluate_without_split_file_warns_that_it_scores_the_training_volumes(trained, hippo4, tmp_path):
+    out, _ = trained
+    args = ["--config_file", overlay("fewshot_segmentation", "evaluate.json"),
+            "--bundle_root", "bundles/fewshot_segmentation", "--dataset_dir", str(hippo4), "--output_dir", str(out),
+            "--backbone_options", TINY, "--roi_size", "[16, 32, 16]"]
+    proc = bundle_cli(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    warning = [line for line in proc.stdout.splitlines() if " - WARNING - no split_file" in line]
+    assert len(warning) == 1, proc.stdout
+    assert f"all 4 labeled volumes of {hippo4}, including the ones the model was trained on" in warning[0]
+    assert "val_mean_dice " in proc.stdout and "over 4 volumes" in proc.stdout
+
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (hippo4 / "imagesTr").iterdir())
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"pool": cases[:2], "test": cases[2:]}))
+    proc = bundle_cli([*args, "--split_file", str(split)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WARNING" not in proc.stdout and "over 2 volumes" in proc.stdout
+
+
+def test_evaluation_datalist_warns_only_without_a_split(hippo4, tmp_path, caplog):
+    from medvol.engines import evaluation_datalist
+
+    with caplog.at_level(logging.WARNING, logger="medvol.engines"):
+        assert len(evaluation_datalist(hippo4)) == 4
+    assert "including the ones the model was trained on" in caplog.text and "--split_file" in caplog.text
+    caplog.clear()
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"test": [sorted(p.name for p in (hippo4 / "imagesTr").iterdir())[0][:-7]]}))
+    with caplog.at_level(logging.WARNING, logger="medvol.engines"):
+        assert len(evaluation_datalist(hippo4, split)) == 1
+    assert not caplog.records

@@ -24,6 +24,7 @@ from medvol.engines.workflow import (
     build_trainer,
     default_device,
     destroy_process_group,
+    evaluation_datalist,
     inference_dataset,
     lower_is_better,
     prepare_network,

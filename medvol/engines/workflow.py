@@ -52,6 +52,7 @@ from medvol.engines.config import require_file
 from medvol.engines.data import make_loader
 from medvol.engines.handlers import ModelSaver, ResumableCheckpoint, scalar_outputs, warmup_cosine_schedule
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
+from medvol.io import labeled_datalist, load_split
 from medvol.io.datalist import image_datalist
 from medvol.networks.momentum import unwrap_module
 
@@ -67,6 +68,7 @@ __all__ = [
     "EpochSummary",
     "quiet_engine_logger",
     "SingleRenderProgressBar",
+    "evaluation_datalist",
     "inference_dataset",
     "segmentation_writer",
     "build_inference",
@@ -429,6 +431,21 @@ class MetricsReport:
             print(line, flush=True)
         print(f"evaluation written to {self.save_dir} (metrics.csv, <metric>_raw.csv per volume, "
               "<metric>_summary.csv)", flush=True)
+
+
+def evaluation_datalist(dataset_dir, split_file=None) -> list[dict]:
+    """The labeled volumes ``evaluate.json`` scores: the ``test`` list of ``split_file``, or all of ``dataset_dir``.
+
+    Without a split file every labeled volume of ``dataset_dir`` is scored, including those the model was
+    trained on, which inflates the Dice: a warning line says so (and how to hold volumes out).
+    """
+    cases = load_split(split_file, "test")
+    items = labeled_datalist(dataset_dir, cases=cases)
+    if cases is None:
+        logger.warning(f"no split_file: evaluating all {len(items)} labeled volumes of {dataset_dir}, including the "
+                       "ones the model was trained on (the Dice is optimistic); pass --split_file SPLIT.json with a "
+                       "'test' list of held-out cases (and train with its 'pool' list) to score unseen volumes only")
+    return items
 
 
 def _image_meta(batch) -> list[dict]:
