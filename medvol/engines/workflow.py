@@ -159,10 +159,11 @@ def quiet_engine_logger(engine: Engine) -> Engine:
     are DEBUG.
 
     ignite logs "Engine run resuming ...", "Epoch[k] Complete. Time taken ...", "Engine run finished ..." and
-    MONAI's workflow "Got new best metric ..." on the engine's logger at INFO: with validation that is eight
-    lines per epoch, all of which the trainer's :class:`EpochSummary` line already says. They are kept at DEBUG
-    (``level=DEBUG`` in the bundle's ``logging.conf`` shows them). Warnings and errors are unchanged. Only the
-    engines medvol builds get this logger; ignite's own class loggers stay as they are.
+    MONAI's workflow "Got new best metric ..." on the engine's logger at INFO: with validation that is six
+    lines per epoch (trainer and validator), all of which the trainer's :class:`EpochSummary` line already
+    says. They are kept at DEBUG (``level=DEBUG`` under ``[logger_medvol]`` in the bundle's ``logging.conf``
+    shows them). Warnings and errors are unchanged. Only the engines medvol builds get this logger; ignite's own
+    class loggers stay as they are.
     """
     log = logging.getLogger(f"medvol.engines.{type(engine).__name__}")
     if not any(isinstance(f, _InfoToDebug) for f in log.filters):
@@ -295,7 +296,8 @@ def build_trainer(
     epoch with a :class:`ModelSaver` on it that keeps the best backbone as ``output_dir/models/model.pt`` (it
     compares with the validator's own ``metric_cmp_fn``; without validation, or with an empty validation set,
     the backbone is saved every epoch); :class:`ResumableCheckpoint` (``output_dir/checkpoints/last.pt``, loaded
-    when ``resume``); ``StatsHandler``; ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a progress bar.
+    when ``resume``); ``StatsHandler`` (one :class:`EpochSummary` line per epoch, iterations at DEBUG);
+    ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a :class:`SingleRenderProgressBar`.
 
     The saved backbone is ``network.backbone`` when the network has one (an ``SSLMethod``), else the network.
     The checkpoint stores the unwrapped network as ``"method"`` (self-supervised) or ``"network"``
