@@ -163,7 +163,7 @@ class ModelSaver:
         if _is_rank0():
             with atomic_path(self.path) as tmp:
                 torch.save(unwrap_module(self.network).state_dict(), tmp)
-            self.saved_epoch = engine.state.epoch
+            self.saved_epoch = getattr(engine.state, "epoch", None)
             logger.debug(f"saved {self.path}" + (f" ({self.metric_name}={self.best:.5f})" if self.metric_name else ""))
 
     def state_dict(self) -> dict:
