@@ -15,15 +15,19 @@ from medvol.engines.handlers import (
 )
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
 from medvol.engines.workflow import (
+    EpochSummary,
     MetricsReport,
+    SingleRenderProgressBar,
     build_evaluator,
     build_inference,
     build_segmentation_evaluator,
     build_trainer,
     default_device,
     destroy_process_group,
+    evaluation_datalist,
     inference_dataset,
     lower_is_better,
     prepare_network,
+    quiet_engine_logger,
     segmentation_writer,
 )

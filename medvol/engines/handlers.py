@@ -138,6 +138,7 @@ class ModelSaver:
         self.group_fn = group_fn
         self.best: float | None = None
         self.group = None
+        self.saved_epoch: int | None = None  # epoch of the last save (the trainer's epoch line says "model saved")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -162,7 +163,8 @@ class ModelSaver:
         if _is_rank0():
             with atomic_path(self.path) as tmp:
                 torch.save(unwrap_module(self.network).state_dict(), tmp)
-            logger.info(f"saved {self.path}" + (f" ({self.metric_name}={self.best:.5f})" if self.metric_name else ""))
+            self.saved_epoch = getattr(engine.state, "epoch", None)
+            logger.debug(f"saved {self.path}" + (f" ({self.metric_name}={self.best:.5f})" if self.metric_name else ""))
 
     def state_dict(self) -> dict:
         return {"best": self.best, "group": self.group}

@@ -21,6 +21,7 @@ Example (what a self-supervised bundle's ``train#trainer`` instantiates)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ from medvol.engines.config import require_file
 from medvol.engines.data import make_loader
 from medvol.engines.handlers import ModelSaver, ResumableCheckpoint, scalar_outputs, warmup_cosine_schedule
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
+from medvol.io import labeled_datalist, load_split
 from medvol.io.datalist import image_datalist
 from medvol.networks.momentum import unwrap_module
 
@@ -63,6 +65,10 @@ __all__ = [
     "build_evaluator",
     "build_segmentation_evaluator",
     "MetricsReport",
+    "EpochSummary",
+    "quiet_engine_logger",
+    "SingleRenderProgressBar",
+    "evaluation_datalist",
     "inference_dataset",
     "segmentation_writer",
     "build_inference",
@@ -131,6 +137,129 @@ def _loss(output: dict) -> torch.Tensor:
     return output["loss"]
 
 
+# ---- console output ------------------------------------------------------------------------------------------
+
+
+class _InfoToDebug(logging.Filter):
+    """Demote INFO records of its logger to DEBUG: dropped unless that logger is enabled for DEBUG."""
+
+    def __init__(self, log: logging.Logger):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.log.isEnabledFor(logging.DEBUG)
+
+
+def quiet_engine_logger(engine: Engine) -> Engine:
+    """Give ``engine`` the logger ``medvol.engines.<EngineClass>``, on which ignite's and MONAI's INFO messages
+    are DEBUG.
+
+    ignite logs "Engine run resuming ...", "Epoch[k] Complete. Time taken ...", "Engine run finished ..." and
+    MONAI's workflow "Got new best metric ..." on the engine's logger at INFO: with validation that is six
+    lines per epoch (trainer and validator), all of which the trainer's :class:`EpochSummary` line already
+    says. They are kept at DEBUG (``level=DEBUG`` under ``[logger_medvol]`` in the bundle's ``logging.conf``
+    shows them). Warnings and errors are unchanged. Only the engines medvol builds get this logger; ignite's own
+    class loggers stay as they are.
+    """
+    log = logging.getLogger(f"medvol.engines.{type(engine).__name__}")
+    if not any(isinstance(f, _InfoToDebug) for f in log.filters):
+        log.addFilter(_InfoToDebug(log))
+    engine.logger = log
+    return engine
+
+
+class SingleRenderProgressBar(ProgressBar):
+    """ignite's ``ProgressBar``, drawn once per update instead of twice.
+
+    ignite's bar handler calls tqdm's ``set_description`` (which redraws at once, ignoring tqdm's
+    ``mininterval``) and then ``update`` every iteration, and tqdm draws a bar without description when it is
+    created, and again when the epoch closes it: in a log file or a notebook every step appeared twice, the
+    first one without "Epoch [k/N]". Here the description is set without a redraw, the bar first appears with
+    its first update, tqdm's ``mininterval`` (0.1 s) alone decides when it is redrawn, and the final state is
+    drawn once, when the epoch closes the bar (``persist=True`` keeps it on its own line).
+    """
+
+    def _reset(self, pbar_total: int | None) -> None:
+        kwargs = {"delay": 1e-6, **self.tqdm_kwargs}
+        self.pbar = self.pbar_cls(total=pbar_total, leave=self.persist, bar_format=self.bar_format, initial=1,
+                                  **kwargs)
+        pbar, update = self.pbar, self.pbar.update
+        pbar.set_description = functools.partial(pbar.set_description, refresh=False)
+        pbar.set_postfix = functools.partial(pbar.set_postfix, refresh=False)
+
+        def update_until_last(n: float = 1):
+            if pbar.total is not None and pbar.n + n >= pbar.total:
+                pbar.n += n  # the epoch's last step: closing the bar draws it
+                return None
+            return update(n)
+
+        pbar.update = update_until_last
+
+
+def _metric_text(metrics: dict) -> str:
+    return ", ".join(f"{name} {float(value):.4f}" for name, value in metrics.items()
+                     if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1))
+
+
+class EpochSummary:
+    """The one console line per training epoch: epoch, training loss, validation metric (best so far), time.
+
+    ``epoch 3/30: train_loss 0.4521, val_loss 1.2060 (best 1.1873 at epoch 2), model saved, 12.3 s`` at INFO on
+    the ``medvol.engines`` logger. Used as MONAI ``StatsHandler``'s ``epoch_print_logger`` on the trainer
+    (``ValidationHandler`` has run by then); the time is the epoch's iterations plus the validation run.
+
+    Args:
+        validator: the evaluator run every epoch (its key metric and best value are shown), or None.
+        saver: the :class:`~medvol.engines.ModelSaver` (the line says when it saved this epoch), or None.
+    """
+
+    def __init__(self, validator: Engine | None = None, saver: ModelSaver | None = None):
+        self.validator, self.saver = validator, saver
+
+    def __call__(self, engine: Engine) -> None:
+        state = engine.state
+        parts = [_metric_text(state.metrics)]
+        seconds = float(state.times.get("EPOCH_COMPLETED") or 0.0)
+        validator = self.validator
+        if validator is not None and getattr(validator.state, "metrics", None):
+            vstate = validator.state
+            text = _metric_text(vstate.metrics)
+            if getattr(vstate, "key_metric_name", None) and getattr(vstate, "best_metric_epoch", -1) != -1:
+                text += f" (best {float(vstate.best_metric):.4f} at epoch {vstate.best_metric_epoch})"
+            parts.append(text)
+            seconds += float(vstate.times.get("COMPLETED") or 0.0)
+        if self.saver is not None and self.saver.saved_epoch == state.epoch:
+            parts.append("model saved")
+        parts.append(f"{seconds:.1f} s")
+        logger.info(f"epoch {state.epoch}/{state.max_epochs}: " + ", ".join(p for p in parts if p))
+
+
+def _iteration_debug(engine: Engine) -> None:
+    """Per-iteration losses at DEBUG (MONAI ``StatsHandler``'s ``iteration_print_logger``); free when not shown."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    state = engine.state
+    output = state.output[0] if isinstance(state.output, list) and state.output else state.output
+    losses = scalar_outputs(output) if isinstance(output, dict) else {}
+    losses = {k: v for k, v in losses.items() if k.startswith("loss") or k.endswith("loss")} or losses
+    step = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
+    logger.debug(f"epoch {state.epoch}/{state.max_epochs} iteration {step}/{state.epoch_length}: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+
+def _quiet_stats(tag_name: str = "Loss") -> StatsHandler:
+    """MONAI's ``StatsHandler`` for an evaluator, with its epoch lines at DEBUG (the trainer's line or
+    :class:`MetricsReport` prints the result)."""
+    def epoch_debug(engine: Engine) -> None:
+        logger.debug(f"{type(engine).__name__} epoch {engine.state.epoch}: {_metric_text(engine.state.metrics)}")
+
+    return StatsHandler(iteration_log=False, epoch_print_logger=epoch_debug, tag_name=tag_name)
+
+
 # ---- training ------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +296,8 @@ def build_trainer(
     epoch with a :class:`ModelSaver` on it that keeps the best backbone as ``output_dir/models/model.pt`` (it
     compares with the validator's own ``metric_cmp_fn``; without validation, or with an empty validation set,
     the backbone is saved every epoch); :class:`ResumableCheckpoint` (``output_dir/checkpoints/last.pt``, loaded
-    when ``resume``); ``StatsHandler``; ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a progress bar.
+    when ``resume``); ``StatsHandler`` (one :class:`EpochSummary` line per epoch, iterations at DEBUG);
+    ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a :class:`SingleRenderProgressBar`.
 
     The saved backbone is ``network.backbone`` when the network has one (an ``SSLMethod``), else the network.
     The checkpoint stores the unwrapped network as ``"method"`` (self-supervised) or ``"network"``
@@ -239,7 +369,9 @@ def build_trainer(
         loss_of = _loss
         tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train",
                                               output_transform=scalar_outputs)
-    handlers += [StatsHandler(tag_name="train_loss", iteration_log=False), tensorboard, ProgressBar(persist=True)]
+    stats = StatsHandler(tag_name="train_loss", epoch_print_logger=EpochSummary(validator, saver),
+                         iteration_print_logger=_iteration_debug)
+    handlers += [stats, tensorboard, SingleRenderProgressBar(persist=True)]
     common = dict(device=device, max_epochs=max_epochs, train_data_loader=loader, network=network,
                   optimizer=optimizer, epoch_length=iterations_per_epoch, train_handlers=handlers, amp=amp,
                   key_train_metric={"train_loss": Average(output_transform=loss_of)}, metric_cmp_fn=lower_is_better)
@@ -250,7 +382,7 @@ def build_trainer(
     else:
         trainer = SSLTrainer(channels_last=channels_last, **common)
     trainer.validator, trainer.lr_scheduler, trainer.model_saver = validator, lr_scheduler, saver
-    return trainer
+    return quiet_engine_logger(trainer)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
@@ -266,10 +398,11 @@ def build_evaluator(network: nn.Module, dataset, device: torch.device | str = "c
     """
     num_samples = num_samples if len(dataset) else None  # an empty validation set gives an empty loader
     loader = make_loader(dataset, batch_size=batch_size, seed=seed + 1, shuffle=False, num_samples=num_samples)
-    handlers = [*(val_handlers or []), StatsHandler(tag_name="val", iteration_log=False)]
-    return SSLEvaluator(device=torch.device(device), val_data_loader=loader, network=network, amp=amp,
-                        key_val_metric={"val_loss": Average(output_transform=_loss)}, metric_cmp_fn=lower_is_better,
-                        val_handlers=handlers, channels_last=channels_last)
+    handlers = [*(val_handlers or []), _quiet_stats("val")]
+    return quiet_engine_logger(SSLEvaluator(
+        device=torch.device(device), val_data_loader=loader, network=network, amp=amp,
+        key_val_metric={"val_loss": Average(output_transform=_loss)}, metric_cmp_fn=lower_is_better,
+        val_handlers=handlers, channels_last=channels_last))
 
 
 class MetricsReport:
@@ -300,6 +433,21 @@ class MetricsReport:
             print(line, flush=True)
         print(f"evaluation written to {self.save_dir} (metrics.csv, <metric>_raw.csv per volume, "
               "<metric>_summary.csv)", flush=True)
+
+
+def evaluation_datalist(dataset_dir, split_file=None) -> list[dict]:
+    """The labeled volumes ``evaluate.json`` scores: the ``test`` list of ``split_file``, or all of ``dataset_dir``.
+
+    Without a split file every labeled volume of ``dataset_dir`` is scored, including those the model was
+    trained on, which inflates the Dice: a warning line says so (and how to hold volumes out).
+    """
+    cases = load_split(split_file, "test")
+    items = labeled_datalist(dataset_dir, cases=cases)
+    if cases is None:
+        logger.warning(f"no split_file: evaluating all {len(items)} labeled volumes of {dataset_dir}, including the "
+                       "ones the model was trained on (the Dice is optimistic); pass --split_file SPLIT.json with a "
+                       "'test' list of held-out cases (and train with its 'pool' list) to score unseen volumes only")
+    return items
 
 
 def _image_meta(batch) -> list[dict]:
@@ -338,7 +486,7 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
     if checkpoint is not None:
         handlers.append(CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
                                          load_dict={"model": unwrap_module(network)}, map_location=device))
-    handlers += [*(val_handlers or []), StatsHandler(iteration_log=False)]
+    handlers += [*(val_handlers or []), _quiet_stats()]
     if metrics_dir is not None:
         handlers += [MetricsSaver(save_dir=str(metrics_dir), metrics="*", metric_details="*", summary_ops="*",
                                   batch_transform=_image_meta), MetricsReport(metrics_dir, class_names)]
@@ -346,9 +494,10 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
     postprocessing = Compose([AsDiscreted("pred", argmax=True, to_onehot=num_classes),
                               AsDiscreted("label", to_onehot=num_classes)])
     metric = MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))
-    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network, inferer=inferer,
-                               postprocessing=postprocessing, prepare_batch=prepare_supervised_batch,
-                               key_val_metric={"val_mean_dice": metric}, val_handlers=handlers, amp=amp)
+    return quiet_engine_logger(SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=network, inferer=inferer, postprocessing=postprocessing,
+        prepare_batch=prepare_supervised_batch, key_val_metric={"val_mean_dice": metric}, val_handlers=handlers,
+        amp=amp))
 
 
 # ---- inference -----------------------------------------------------------------------------------------------
@@ -399,7 +548,7 @@ def build_inference(network: nn.Module, dataset, postprocessing, checkpoint: str
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
     handlers = [CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
                                  load_dict={"model": weights if weights is not None else network}, map_location=device),
-                StatsHandler(iteration_log=False)]
-    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
-                               inferer=inferer or SimpleInferer(), postprocessing=postprocessing,
-                               val_handlers=handlers, amp=amp)
+                _quiet_stats()]
+    return quiet_engine_logger(SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=network, inferer=inferer or SimpleInferer(),
+        postprocessing=postprocessing, val_handlers=handlers, amp=amp))
