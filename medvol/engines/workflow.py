@@ -9,8 +9,9 @@ bar. :func:`build_trainer` assembles that from MONAI's handlers (``LrScheduleHan
 so a bundle's ``train.json`` states only what is particular to it: hyper-parameters, network, method, optimizer,
 views. :func:`build_evaluator` (validation losses of a self-supervised method), :func:`build_segmentation_evaluator`
 (Dice, with MONAI's ``MeanDice`` and ``MetricsSaver``) and :func:`build_inference` (an ``inference.json``'s
-evaluator) do the same for the other workflows; :func:`default_device` and :func:`prepare_network` cover device
-choice and DistributedDataParallel, so ``multi_gpu_train.json`` only sets ``train#trainer#multi_gpu``.
+evaluator) do the same for the other workflows. Device choice and DistributedDataParallel are
+:mod:`medvol.engines.distributed` (so ``multi_gpu_train.json`` only sets ``train#trainer#multi_gpu``), what a run
+prints is :mod:`medvol.engines.console`.
 
 Example (what a self-supervised bundle's ``train#trainer`` instantiates)::
 
@@ -21,7 +22,6 @@ Example (what a self-supervised bundle's ``train#trainer`` instantiates)::
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -29,8 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
+from ignite.engine import Engine
 from ignite.metrics import Average
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -49,7 +48,16 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SaveIm
 from torch import nn
 
 from medvol.engines.config import require_file
+from medvol.engines.console import (
+    EpochSummary,
+    MetricsReport,
+    SingleRenderProgressBar,
+    log_iteration_debug,
+    quiet_engine_logger,
+    quiet_stats_handler,
+)
 from medvol.engines.data import make_loader
+from medvol.engines.distributed import prepare_network
 from medvol.engines.handlers import ModelSaver, ResumableCheckpoint, scalar_outputs, warmup_cosine_schedule
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
 from medvol.io import labeled_datalist, load_split
@@ -57,17 +65,10 @@ from medvol.io.datalist import image_datalist
 from medvol.networks.momentum import unwrap_module
 
 __all__ = [
-    "default_device",
-    "prepare_network",
-    "destroy_process_group",
     "lower_is_better",
     "build_trainer",
     "build_evaluator",
     "build_segmentation_evaluator",
-    "MetricsReport",
-    "EpochSummary",
-    "quiet_engine_logger",
-    "SingleRenderProgressBar",
     "evaluation_datalist",
     "inference_dataset",
     "segmentation_writer",
@@ -77,57 +78,6 @@ __all__ = [
 logger = logging.getLogger("medvol.engines")
 
 
-# ---- device and DDP ------------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` under torchrun, else ``cuda:0`` when CUDA is available, else ``cpu``."""
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device("cpu")
-
-
-def prepare_network(module: nn.Module, device: torch.device | str, multi_gpu: bool = False,
-                    channels_last: bool = False) -> nn.Module:
-    """``module`` on ``device``; with ``multi_gpu`` wrapped in ``DistributedDataParallel``.
-
-    With ``multi_gpu`` the process group is initialised first when needed (NCCL on CUDA, gloo on CPU; torchrun's
-    environment gives rank and world size) and the CUDA device is made current. ``find_unused_parameters`` is
-    the module's attribute of that name (``SSLMethod`` sets it per method), ``False`` when absent.
-
-    Args:
-        module: the method or network.
-        device: where it runs (see :func:`default_device`).
-        multi_gpu: wrap in DDP (the ``multi_gpu_train.json`` overlay sets it).
-        channels_last: use the ``channels_last_3d`` memory format (a plain network under MONAI's
-            ``SupervisedTrainer``; :class:`SSLTrainer` converts the method itself).
-    """
-    device = torch.device(device)
-    if multi_gpu:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    module = module.to(device)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last_3d)
-    if not multi_gpu:
-        return module
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=[device] if device.type == "cuda" else None,
-        find_unused_parameters=bool(getattr(module, "find_unused_parameters", False)))
-
-
-def destroy_process_group() -> None:
-    """Tear down the process group if one is initialised (``finalize`` of ``multi_gpu_train.json``)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def lower_is_better(current: float, prev: float) -> bool:
     """``metric_cmp_fn`` for losses: MONAI starts ``best_metric`` at -1, so a negative ``prev`` means "none yet"."""
     return prev < 0 or current < prev
@@ -135,129 +85,6 @@ def lower_is_better(current: float, prev: float) -> bool:
 
 def _loss(output: dict) -> torch.Tensor:
     return output["loss"]
-
-
-# ---- console output ------------------------------------------------------------------------------------------
-
-
-class _InfoToDebug(logging.Filter):
-    """Demote INFO records of its logger to DEBUG: dropped unless that logger is enabled for DEBUG."""
-
-    def __init__(self, log: logging.Logger):
-        super().__init__()
-        self.log = log
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO:
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return self.log.isEnabledFor(logging.DEBUG)
-
-
-def quiet_engine_logger(engine: Engine) -> Engine:
-    """Give ``engine`` the logger ``medvol.engines.<EngineClass>``, on which ignite's and MONAI's INFO messages
-    are DEBUG.
-
-    ignite logs "Engine run resuming ...", "Epoch[k] Complete. Time taken ...", "Engine run finished ..." and
-    MONAI's workflow "Got new best metric ..." on the engine's logger at INFO: with validation that is six
-    lines per epoch (trainer and validator), all of which the trainer's :class:`EpochSummary` line already
-    says. They are kept at DEBUG (``level=DEBUG`` under ``[logger_medvol]`` in the bundle's ``logging.conf``
-    shows them). Warnings and errors are unchanged. Only the engines medvol builds get this logger; ignite's own
-    class loggers stay as they are.
-    """
-    log = logging.getLogger(f"medvol.engines.{type(engine).__name__}")
-    if not any(isinstance(f, _InfoToDebug) for f in log.filters):
-        log.addFilter(_InfoToDebug(log))
-    engine.logger = log
-    return engine
-
-
-class SingleRenderProgressBar(ProgressBar):
-    """ignite's ``ProgressBar``, drawn once per update instead of twice.
-
-    ignite's bar handler calls tqdm's ``set_description`` (which redraws at once, ignoring tqdm's
-    ``mininterval``) and then ``update`` every iteration, and tqdm draws a bar without description when it is
-    created, and again when the epoch closes it: in a log file or a notebook every step appeared twice, the
-    first one without "Epoch [k/N]". Here the description is set without a redraw, the bar first appears with
-    its first update, tqdm's ``mininterval`` (0.1 s) alone decides when it is redrawn, and the final state is
-    drawn once, when the epoch closes the bar (``persist=True`` keeps it on its own line).
-    """
-
-    def _reset(self, pbar_total: int | None) -> None:
-        kwargs = {"delay": 1e-6, **self.tqdm_kwargs}
-        self.pbar = self.pbar_cls(total=pbar_total, leave=self.persist, bar_format=self.bar_format, initial=1,
-                                  **kwargs)
-        pbar, update = self.pbar, self.pbar.update
-        pbar.set_description = functools.partial(pbar.set_description, refresh=False)
-        pbar.set_postfix = functools.partial(pbar.set_postfix, refresh=False)
-
-        def update_until_last(n: float = 1):
-            if pbar.total is not None and pbar.n + n >= pbar.total:
-                pbar.n += n  # the epoch's last step: closing the bar draws it
-                return None
-            return update(n)
-
-        pbar.update = update_until_last
-
-
-def _metric_text(metrics: dict) -> str:
-    return ", ".join(f"{name} {float(value):.4f}" for name, value in metrics.items()
-                     if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1))
-
-
-class EpochSummary:
-    """The one console line per training epoch: epoch, training loss, validation metric (best so far), time.
-
-    ``epoch 3/30: train_loss 0.4521, val_loss 1.2060 (best 1.1873 at epoch 2), model saved, 12.3 s`` at INFO on
-    the ``medvol.engines`` logger. Used as MONAI ``StatsHandler``'s ``epoch_print_logger`` on the trainer
-    (``ValidationHandler`` has run by then); the time is the epoch's iterations plus the validation run.
-
-    Args:
-        validator: the evaluator run every epoch (its key metric and best value are shown), or None.
-        saver: the :class:`~medvol.engines.ModelSaver` (the line says when it saved this epoch), or None.
-    """
-
-    def __init__(self, validator: Engine | None = None, saver: ModelSaver | None = None):
-        self.validator, self.saver = validator, saver
-
-    def __call__(self, engine: Engine) -> None:
-        state = engine.state
-        parts = [_metric_text(state.metrics)]
-        seconds = float(state.times.get("EPOCH_COMPLETED") or 0.0)
-        validator = self.validator
-        if validator is not None and getattr(validator.state, "metrics", None):
-            vstate = validator.state
-            text = _metric_text(vstate.metrics)
-            if getattr(vstate, "key_metric_name", None) and getattr(vstate, "best_metric_epoch", -1) != -1:
-                text += f" (best {float(vstate.best_metric):.4f} at epoch {vstate.best_metric_epoch})"
-            parts.append(text)
-            seconds += float(vstate.times.get("COMPLETED") or 0.0)
-        if self.saver is not None and self.saver.saved_epoch == state.epoch:
-            parts.append("model saved")
-        parts.append(f"{seconds:.1f} s")
-        logger.info(f"epoch {state.epoch}/{state.max_epochs}: " + ", ".join(p for p in parts if p))
-
-
-def _iteration_debug(engine: Engine) -> None:
-    """Per-iteration losses at DEBUG (MONAI ``StatsHandler``'s ``iteration_print_logger``); free when not shown."""
-    if not logger.isEnabledFor(logging.DEBUG):
-        return
-    state = engine.state
-    output = state.output[0] if isinstance(state.output, list) and state.output else state.output
-    losses = scalar_outputs(output) if isinstance(output, dict) else {}
-    losses = {k: v for k, v in losses.items() if k.startswith("loss") or k.endswith("loss")} or losses
-    step = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
-    logger.debug(f"epoch {state.epoch}/{state.max_epochs} iteration {step}/{state.epoch_length}: "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-
-
-def _quiet_stats(tag_name: str = "Loss") -> StatsHandler:
-    """MONAI's ``StatsHandler`` for an evaluator, with its epoch lines at DEBUG (the trainer's line or
-    :class:`MetricsReport` prints the result)."""
-    def epoch_debug(engine: Engine) -> None:
-        logger.debug(f"{type(engine).__name__} epoch {engine.state.epoch}: {_metric_text(engine.state.metrics)}")
-
-    return StatsHandler(iteration_log=False, epoch_print_logger=epoch_debug, tag_name=tag_name)
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -370,7 +197,7 @@ def build_trainer(
         tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train",
                                               output_transform=scalar_outputs)
     stats = StatsHandler(tag_name="train_loss", epoch_print_logger=EpochSummary(validator, saver),
-                         iteration_print_logger=_iteration_debug)
+                         iteration_print_logger=log_iteration_debug)
     handlers += [stats, tensorboard, SingleRenderProgressBar(persist=True)]
     common = dict(device=device, max_epochs=max_epochs, train_data_loader=loader, network=network,
                   optimizer=optimizer, epoch_length=iterations_per_epoch, train_handlers=handlers, amp=amp,
@@ -398,41 +225,11 @@ def build_evaluator(network: nn.Module, dataset, device: torch.device | str = "c
     """
     num_samples = num_samples if len(dataset) else None  # an empty validation set gives an empty loader
     loader = make_loader(dataset, batch_size=batch_size, seed=seed + 1, shuffle=False, num_samples=num_samples)
-    handlers = [*(val_handlers or []), _quiet_stats("val")]
+    handlers = [*(val_handlers or []), quiet_stats_handler("val")]
     return quiet_engine_logger(SSLEvaluator(
         device=torch.device(device), val_data_loader=loader, network=network, amp=amp,
         key_val_metric={"val_loss": Average(output_transform=_loss)}, metric_cmp_fn=lower_is_better,
         val_handlers=handlers, channels_last=channels_last))
-
-
-class MetricsReport:
-    """Print an evaluation's metrics, per-class means and where ``MetricsSaver`` wrote its files, at the end.
-
-    Args:
-        save_dir: the ``MetricsSaver`` folder.
-        class_names: names of the classes of the metric details (background excluded), for the printed means.
-    """
-
-    def __init__(self, save_dir: str | os.PathLike, class_names: Sequence[str] | None = None):
-        self.save_dir, self.class_names = Path(save_dir), list(class_names or [])
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        details = getattr(engine.state, "metric_details", {}) or {}
-        for name, value in engine.state.metrics.items():
-            line = f"{name} {float(value):.4f}"
-            if name in details:
-                scores = torch.as_tensor(details[name], dtype=torch.float64)
-                per_class = scores.nanmean(dim=0).tolist() if scores.ndim == 2 else []
-                names = self.class_names if len(self.class_names) == len(per_class) else \
-                    [f"class{i}" for i in range(len(per_class))]
-                line += f" over {scores.shape[0]} volumes (" + ", ".join(
-                    f"{n} {v:.4f}" for n, v in zip(names, per_class)) + ")"
-            print(line, flush=True)
-        print(f"evaluation written to {self.save_dir} (metrics.csv, <metric>_raw.csv per volume, "
-              "<metric>_summary.csv)", flush=True)
 
 
 def evaluation_datalist(dataset_dir, split_file=None) -> list[dict]:
@@ -486,7 +283,7 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
     if checkpoint is not None:
         handlers.append(CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
                                          load_dict={"model": unwrap_module(network)}, map_location=device))
-    handlers += [*(val_handlers or []), _quiet_stats()]
+    handlers += [*(val_handlers or []), quiet_stats_handler()]
     if metrics_dir is not None:
         handlers += [MetricsSaver(save_dir=str(metrics_dir), metrics="*", metric_details="*", summary_ops="*",
                                   batch_transform=_image_meta), MetricsReport(metrics_dir, class_names)]
@@ -548,7 +345,7 @@ def build_inference(network: nn.Module, dataset, postprocessing, checkpoint: str
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
     handlers = [CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
                                  load_dict={"model": weights if weights is not None else network}, map_location=device),
-                _quiet_stats()]
+                quiet_stats_handler()]
     return quiet_engine_logger(SupervisedEvaluator(
         device=device, val_data_loader=loader, network=network, inferer=inferer or SimpleInferer(),
         postprocessing=postprocessing, val_handlers=handlers, amp=amp))
