@@ -89,7 +89,7 @@ def pretrain(method: str, args) -> dict:
     out = Path(args.out) / "pretrain" / method
     stats_file = out / "stats.json"
     if stats_file.is_file():
-        return json.loads(stats_file.read_text())
+        return json.loads(stats_file.read_text(encoding="utf-8"))
     cmd = [sys.executable, __file__, "--_pretrain-one", method, *sys.argv[1:]]
     print(f"[pretrain] {method} -> {out}", flush=True)
     log = out / "log.txt"
@@ -98,7 +98,7 @@ def pretrain(method: str, args) -> dict:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"pretraining {method} failed, see {log}")
-    return json.loads(stats_file.read_text())
+    return json.loads(stats_file.read_text(encoding="utf-8"))
 
 
 def _pretrain_one(method: str, args) -> None:
@@ -169,7 +169,7 @@ def _finetune_one(job: dict) -> dict:
     out = Path(job["out"])
     result_file = out / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return json.loads(result_file.read_text(encoding="utf-8"))
     out.mkdir(parents=True, exist_ok=True)
     common = job["common"]
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     stats = {m: pretrain(m, args) for m in args.methods} if not args.report_only else {
-        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text()) for m in args.methods}
+        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8")) for m in args.methods}
     checkpoints = {m: s["checkpoint"] for m, s in stats.items()}
     results = finetune_all(args, checkpoints)
     text = report(args, results, stats)

@@ -95,7 +95,7 @@ def dataset(name: str, args) -> tuple[np.ndarray, int, dict]:
     path = Path(args.cache) / f"{name}.npy"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
-        return np.load(path), *json.loads(info_path.read_text()).values()
+        return np.load(path), *json.loads(info_path.read_text(encoding="utf-8")).values()
     t0 = time.perf_counter()
     if name == "gmm":
         from sklearn.datasets import make_blobs
@@ -277,7 +277,7 @@ def main() -> None:
         done = Path(args.cache) / f"result_{stage}.json"
         if done.is_file():
             print(f"{stage}: cached in {done}")
-            result[stage] = json.loads(done.read_text())
+            result[stage] = json.loads(done.read_text(encoding="utf-8"))
             continue
         print(f"{stage}: running", flush=True)
         result[stage] = outofcore(args) if stage == "outofcore" else compare(stage, args)

@@ -14,9 +14,9 @@ def machine_info(**extra) -> dict:
 
     cpu = "unknown"
     if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
                     if ln.startswith("model name")), cpu)
-    mem_kib = Path("/proc/meminfo").read_text().split()[1] if Path("/proc/meminfo").exists() else "0"
+    mem_kib = Path("/proc/meminfo").read_text(encoding="utf-8").split()[1] if Path("/proc/meminfo").exists() else "0"
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu": cpu,

@@ -83,7 +83,7 @@ def stage(out: Path, name: str, fn):
     marker = out / f"{name}.json"
     if marker.is_file():
         log(f"stage {name}: cached")
-        return json.loads(marker.read_text())
+        return json.loads(marker.read_text(encoding="utf-8"))
     log(f"stage {name}: running")
     t0 = time.perf_counter()
     result = fn()
@@ -205,8 +205,8 @@ def mil_crossval(args, bags: Path, targets: Path, task: str, column: str, out: P
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(MIL / "configs" / "train.json"),
            "--bundle_root", str(MIL)] + set_args(overrides)
     wall = run_cmd(cmd, out.parent / f"{out.name}.log", args.threads)
-    metrics = json.loads((out / "metrics.json").read_text())
-    run = json.loads((out / "run.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     return {"wall_s": round(wall, 1), "mean": metrics["mean"], "std": metrics["std"], "pooled": metrics["pooled"],
             "per_fold": metrics["per_fold"], "folds": run["folds"], "n_cases": run["n_cases"]}
 
@@ -363,7 +363,7 @@ def adrenal_mil(bag_dirs: dict, targets: Path, seeds: list[int]) -> dict:
         train_fold,
     )
 
-    cfg = json.loads((MIL / "configs" / "train.json").read_text())
+    cfg = json.loads((MIL / "configs" / "train.json").read_text(encoding="utf-8"))
     net = {k: v for k, v in cfg["network_def"].items() if k not in ("_target_", "_mode_")}
     net["pooling"] = cfg["mil_pooling"]
     table = load_targets(targets, ["label"], "binary", "id")

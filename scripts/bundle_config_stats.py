@@ -30,7 +30,7 @@ def config_files(bundles: Path, metadata: bool = False) -> list[Path]:
 
 def stats(bundles: Path) -> dict:
     files = config_files(bundles)
-    data = {f: json.loads(f.read_text()) for f in files}
+    data = {f: json.loads(f.read_text(encoding="utf-8")) for f in files}
     seen = defaultdict(set)
     for f, d in data.items():
         for k, v in d.items():
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.check or args.fix:
         bad = []
         for f in config_files(bundles, metadata=True):
-            text = f.read_text()
+            text = f.read_text(encoding="utf-8")
             want = canonical(json.loads(text))
             if text != want:
                 if args.fix:

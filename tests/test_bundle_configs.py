@@ -43,7 +43,7 @@ def _stats_module():
 @pytest.mark.parametrize("path", sorted(BUNDLES_DIR.glob("*/configs/*.json")),
                          ids=lambda p: f"{p.parts[-3]}/{p.name}")
 def test_config_is_in_the_canonical_format(path):
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert text == _stats_module().canonical(json.loads(text)), \
         f"{path} is not in the canonical format: run python scripts/bundle_config_stats.py --fix"
 
@@ -72,7 +72,7 @@ def test_configs_reference_no_other_bundle(bundle):
     """A bundle folder copied alone still runs: its configs name no sibling bundle and no path outside the folder."""
     others = [b for b in BUNDLES if b != bundle]
     for path in (BUNDLES_DIR / bundle / "configs").glob("*.json"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert "../" not in text and "bundles/" not in text, path
         assert not [b for b in others if f"/{b}" in text or f"'{b}'" in text], path
 

@@ -69,11 +69,12 @@ def test_layout_metadata_and_defaults():
     for name in ("LICENSE", "configs/metadata.json", "configs/train.json", "configs/inference.json",
                  "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md"):
         assert (BUNDLE / name).is_file(), name
-    assert (BUNDLE / "LICENSE").read_text() == (BUNDLES_DIR / "caid" / "LICENSE").read_text()
+    licence = (BUNDLES_DIR / "caid" / "LICENSE").read_text(encoding="utf-8")
+    assert (BUNDLE / "LICENSE").read_text(encoding="utf-8") == licence
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(BUNDLES_DIR / "meta_schema.json"))
-    train = json.loads((CONFIGS / "train.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs", "seed", "resume",
                 "val_fraction", "encoder", "context", "windows", "preset", "spatial_size", "lesion_prob",
                 "lesion_weight", "temperature", "lesion_boxes_csv", "split_file"):
@@ -88,8 +89,8 @@ def test_layout_metadata_and_defaults():
 
 def test_inference_overlay_inherits_the_shared_ids():
     """inference.json is an overlay: encoder and slicing settings come from train.json, stated once."""
-    train = json.loads((CONFIGS / "train.json").read_text())
-    inference = json.loads((CONFIGS / "inference.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text(encoding="utf-8"))
+    inference = json.loads((CONFIGS / "inference.json").read_text(encoding="utf-8"))
     assert set(SHARED) <= set(train) and not set(SHARED) & set(inference)
     merged = bundle_parser(BUNDLE.name, "inference.json")
     assert merged.get_parsed_content("axis") == 2 and merged.get_parsed_content("slice_size") == [224, 224]
@@ -100,7 +101,7 @@ def test_verify_net_in_out_and_metadata_match_the_default_encoder():
 
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
                       config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")], n=1, device="cpu")
-    meta = json.loads((CONFIGS / "metadata.json").read_text())["network_data_format"]
+    meta = json.loads((CONFIGS / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]
     parser = bundle_parser(BUNDLE.name, "inference.json")
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "GatedCNNSliceEncoder" and net.out_dim == meta["outputs"]["pred"]["num_channels"]
@@ -113,7 +114,7 @@ def test_verify_net_in_out_and_metadata_match_the_default_encoder():
     ("mambaout", {"dims": [8, 16], "depths": [1, 1]}, ["lung", "soft_tissue", "bone"], 9),
 ])
 def test_encoder_and_windows_choices_resolve(encoder, options, windows, channels, tmp_path):
-    parser = ConfigParser(json.loads((CONFIGS / "train.json").read_text()))
+    parser = ConfigParser(json.loads((CONFIGS / "train.json").read_text(encoding="utf-8")))
     parser.update({"bundle_root": str(tmp_path), "encoder": encoder, "encoder_options": {encoder: options},
                    "spatial_size": 32, "windows": windows, "preset": "ct" if windows else "mri"})
     method = parser.get_parsed_content("method")
@@ -181,7 +182,7 @@ def test_slice_mil_bundle_reads_the_bags(trained, demo_dir, tmp_path):
                    "target_columns": ["large"], "output_dir": str(tmp_path / "mil"), "num_folds": 2, "max_epochs": 2,
                    "network_def#hidden_dim": 16, "network_def#attention_dim": 8, "plot_cases": 1, "device": "cpu"})
     parser.get_parsed_content("run")
-    metrics = json.loads((tmp_path / "mil" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "mil" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 20 and len(metrics["per_fold"]) == 2 and 0 <= metrics["pooled"]["auroc"] <= 1
 
 

@@ -25,8 +25,8 @@ def test_bundle_layout_and_metadata():
     for name in ("LICENSE", "configs/metadata.json", "configs/train.json", "configs/inference.json",
                  "configs/logging.conf", "docs/README.md"):
         assert (BUNDLE / name).is_file(), name
-    assert "Apache License, Version 2.0" in (BUNDLE / "LICENSE").read_text()
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert "Apache License, Version 2.0" in (BUNDLE / "LICENSE").read_text(encoding="utf-8")
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
     for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
                 "task", "description", "authors", "copyright", "network_data_format", "changelog", "schema"):
         assert key in meta, key
@@ -37,14 +37,14 @@ def test_bundle_layout_and_metadata():
     if local_schema.is_file():
         import jsonschema
 
-        jsonschema.validate(meta, json.loads(local_schema.read_text()))
+        jsonschema.validate(meta, json.loads(local_schema.read_text(encoding="utf-8")))
     conf = configparser.ConfigParser()
     conf.read(BUNDLE / "configs" / "logging.conf")
     assert {"loggers", "handlers", "formatters", "logger_root"} <= set(conf.sections())
 
 
 def test_train_config_resolves_to_a_network_factory_and_a_crossvalidator(tmp_path):
-    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "dataset_dir", "targets_csv", "id_column", "target_columns", "task", "output_dir",
                 "device", "network_def", "mil_pooling", "max_epochs", "num_folds", "seed", "run"):
         assert key in train, key
@@ -62,7 +62,8 @@ def test_train_config_resolves_to_a_network_factory_and_a_crossvalidator(tmp_pat
     pma.update({"mil_pooling": "pma"})
     assert isinstance(pma.get_parsed_content("network_def")(in_dim=18), PMA)
     assert train["initialize"][0] == "$medvol.engines.config.install_error_hook()"  # the dialect of every bundle
-    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())  # an overlay of train.json
+    # an overlay of train.json
+    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert {"model_dir", "output_dir", "predictor", "run"} <= set(inference) and "dataset_dir" not in inference
     merged = ConfigParser()
     merged.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")])
@@ -82,7 +83,7 @@ def test_bundle_train_then_inference(demo_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 20 and len(metrics["per_fold"]) == 2 and 0 <= metrics["pooled"]["auroc"] <= 1
     assert (out / "folds" / "fold_1" / "model.pt").is_file() and (out / "attention_top_slices.png").is_file()
     assert "fold 2/2" in proc.stdout + proc.stderr  # progress reaches the bundle's log

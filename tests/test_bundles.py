@@ -67,7 +67,7 @@ def test_bundle_layout_and_metadata(bundle):
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))  # raises if invalid
-    train = json.loads((root / "configs" / "train.json").read_text())
+    train = json.loads((root / "configs" / "train.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs"):
         assert key in train, f"{bundle}/train.json lacks {key}"
 
@@ -75,7 +75,7 @@ def test_bundle_layout_and_metadata(bundle):
 def test_schema_rejects_incomplete_metadata(tmp_path):
     from monai.bundle import verify_metadata
 
-    meta = json.loads((BUNDLES_DIR / "caid" / "configs" / "metadata.json").read_text())
+    meta = json.loads((BUNDLES_DIR / "caid" / "configs" / "metadata.json").read_text(encoding="utf-8"))
     del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="channel_def"):
@@ -89,11 +89,11 @@ NETWORK_IDS = ("network_def", "backbone", "backbone_options")
 def test_network_def_is_stated_once(bundle):
     """Overlays inherit the network from train.json; MONAI Label's standalone inference.json states the same one."""
     configs = BUNDLES_DIR / bundle / "configs"
-    train = json.loads((configs / "train.json").read_text())
+    train = json.loads((configs / "train.json").read_text(encoding="utf-8"))
     for path in sorted(configs.glob("*.json")):
         if path.name in ("train.json", "metadata.json"):
             continue
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
         if (bundle, path.name) in STANDALONE:
             assert {k: cfg[k] for k in NETWORK_IDS} == {k: train[k] for k in NETWORK_IDS}
         else:
@@ -214,7 +214,7 @@ def test_fewshot_finetune_evaluate_infer(caid_run, hippo, tmp_path, capsys):
 def test_monai_label_style_inference(caid_run, hippo, tmp_path):
     """Mimic MONAI Label's bundle infer task: ids from inference.json, checkpoint.get('model', checkpoint)."""
     root = BUNDLES_DIR / "fewshot_segmentation"
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
     image_key = next(iter(meta["network_data_format"]["inputs"]))
     pred_key = next(iter(meta["network_data_format"]["outputs"]))
     labels = meta["network_data_format"]["outputs"][pred_key]["channel_def"]

@@ -67,14 +67,15 @@ def patch_run(hippo, tmp_path_factory) -> Path:
 def test_clustering_config_defaults(bundle):
     """Layout, metadata schema and network_def consistency: tests/test_bundles.py (ALL_BUNDLES)."""
     root = BUNDLES_DIR / bundle
-    assert (root / "LICENSE").read_text() == (BUNDLES_DIR / "caid" / "LICENSE").read_text()
-    train = json.loads((root / "configs" / "train.json").read_text())
+    licence = (BUNDLES_DIR / "caid" / "LICENSE").read_text(encoding="utf-8")
+    assert (root / "LICENSE").read_text(encoding="utf-8") == licence
+    train = json.loads((root / "configs" / "train.json").read_text(encoding="utf-8"))
     for key in ("split_file", "seed", "resume", "preset"):
         assert key in train, f"{bundle}/train.json lacks {key}"
     assert train["preset"] == "mri"
     if bundle == "pixel_clustering":
         assert "cluster" in train and train["num_clusters"] == 10
-    fewshot = json.loads((BUNDLES_DIR / "fewshot_segmentation" / "configs" / "train.json").read_text())
+    fewshot = json.loads((BUNDLES_DIR / "fewshot_segmentation" / "configs" / "train.json").read_text(encoding="utf-8"))
     assert train["backbone_options"] == fewshot["backbone_options"]  # same norm as fine-tuning
     parser = ConfigParser(train)
     parser.update({"bundle_root": str(root)})

@@ -85,9 +85,9 @@ def test_one_progress_bar_per_epoch_each_state_drawn_once(trained):
 @pytest.mark.slow
 def test_iterations_and_engine_messages_at_debug(hippo4, tmp_path):
     conf = tmp_path / "logging_debug.conf"
-    text = (BUNDLES_DIR / "fewshot_segmentation" / "configs" / "logging.conf").read_text()
+    text = (BUNDLES_DIR / "fewshot_segmentation" / "configs" / "logging.conf").read_text(encoding="utf-8")
     conf.write_text(text.replace("[logger_medvol]\nlevel=INFO", "[logger_medvol]\nlevel=DEBUG"))
-    assert conf.read_text() != text
+    assert conf.read_text(encoding="utf-8") != text
     proc = bundle_cli([*_train_args(hippo4, tmp_path / "out"), "--max_epochs", "1", "--logging_file", str(conf)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     debug = [line for line in proc.stdout.splitlines() if " - DEBUG - " in line]

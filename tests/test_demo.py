@@ -20,7 +20,7 @@ def test_shipped_weights_fit_the_demo_network_and_match_their_readme():
     assert digest in readme, "the README's sha256 must be the shipped file's"
     assert DEMO_WEIGHTS.stat().st_size < 4_000_000  # a few MB at most inside the package
     assert (DEMO_WEIGHTS.parent / "LICENSE.hippocampus").is_file()  # CC-BY-SA data: the licence travels along
-    split = json.loads(DEMO_WEIGHTS.with_suffix(".split.json").read_text())
+    split = json.loads(DEMO_WEIGHTS.with_suffix(".split.json").read_text(encoding="utf-8"))
     demo_cases = {p.name[: -len(".nii.gz")] for p in (DEMO_WEIGHTS.parents[2] / "demo_data" / "hippocampus"
                                                        / "imagesTr").glob("*.nii.gz")}
     assert len(split["pool"]) == 180 and not demo_cases & set(split["pool"])  # never saw the demo volumes
@@ -38,7 +38,7 @@ def test_demo_fine_tunes_from_scratch_and_from_the_shipped_weights(demo_dir, tmp
     worst = run_demo(out, demo_dir, train=True, command=main,
                      finetune={"seeds": (0,), "max_epochs": 1, "iterations_per_epoch": 2})
     assert worst == 0
-    dice = json.loads((out / "dice.json").read_text())
+    dice = json.loads((out / "dice.json").read_text(encoding="utf-8"))
     assert dice["seeds"] == [0] and len(dice["scratch"]) == 1 and len(dice["pretrained"]) == 1
     assert all(0.0 <= v <= 1.0 for v in dice["scratch"] + dice["pretrained"])
     for picture in ("dice.png", "segmentation.png"):

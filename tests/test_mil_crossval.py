@@ -314,7 +314,7 @@ def test_crossval_outputs_and_patient_level_folds(binary_run, hippo):
     preds = read_csv(out / "predictions.csv")
     assert list(preds[0]) == ["id", "fold", "large", "prob_large", "pred_large"]
     assert [r["id"] for r in preds] == ids  # every case exactly once
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert sorted(sum(run["folds"], [])) == ids
     truth = {r["id"]: int(r["large"] == "yes") for r in read_csv(hippo[1])}
     per_fold = read_csv(out / "metrics_per_fold.csv")
@@ -325,7 +325,7 @@ def test_crossval_outputs_and_patient_level_folds(binary_run, hippo):
         assert all(int(r["large"]) == truth[r["id"]] for r in rows)
         auroc = roc_auc_score([int(r["large"]) for r in rows], [float(r["prob_large"]) for r in rows])
         assert float(per_fold[k]["auroc"]) == pytest.approx(auroc, abs=1e-6)
-        fold = json.loads((out / "folds" / f"fold_{k}" / "fold.json").read_text())
+        fold = json.loads((out / "folds" / f"fold_{k}" / "fold.json").read_text(encoding="utf-8"))
         assert set(fold["train_ids"]).isdisjoint(fold["val_ids"]) and set(fold["test_ids"]) == set(test_ids)
         assert not set(fold["train_ids"] + fold["val_ids"]) & set(test_ids)
         y = np.array([truth[c] for c in fold["train_ids"]])
@@ -380,7 +380,7 @@ def test_crossval_is_deterministic_and_predictor_reuses_fold_models(binary_run, 
     other = {r["id"]: float(r["prob_large"]) for r in read_csv(two / "predictions.csv")}
     assert one.keys() == other.keys()
     assert all(other[c] == pytest.approx(p, rel=1e-4, abs=1e-6) for c, p in one.items())
-    run = json.loads((again / "run.json").read_text())
+    run = json.loads((again / "run.json").read_text(encoding="utf-8"))
     assert run["network"] == {"_target_": "medvol.networks.mil.build_mil_network", **SMALL_NET}
 
     pred_dir = tmp_path / "pred"
@@ -413,12 +413,12 @@ def test_crossval_regression_with_groups(hippo, tmp_path):
     truth = {r["id"]: float(r["volume_ml"]) for r in read_csv(hippo[1])}
     y, p = [float(r["volume_ml"]) for r in preds], [float(r["pred_volume_ml"]) for r in preds]
     assert summary["pooled"]["mae"] == pytest.approx(mean_absolute_error(y, p), rel=1e-6)
-    fold = json.loads((out / "folds" / "fold_0" / "fold.json").read_text())
+    fold = json.loads((out / "folds" / "fold_0" / "fold.json").read_text(encoding="utf-8"))
     train_y = [truth[c] for c in fold["train_ids"]]
     assert fold["loss_state"]["mean"] == [pytest.approx(np.mean(train_y))]
     assert fold["loss_state"]["std"] == [pytest.approx(np.std(train_y))]
     assert abs(np.mean(p) - np.mean(y)) < 2 * np.std(y)  # outputs are back in millilitres
-    assert json.loads((out / "run.json").read_text())["network"]["pooling"] == "pma"
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["network"]["pooling"] == "pma"
     with pytest.raises(ConfigError, match="fresh network per fold"):
         CrossValidator(hippo[0], hippo[1], "large", "binary", out, network_def=build_mil_network(in_dim=18))
 
@@ -450,7 +450,7 @@ def test_crossval_multiclass_and_multilabel_predictions(hippo, tmp_path, task):
                                   "pred_left_half"]
         auroc = np.mean([roc_auc_score([int(r[c]) for r in preds], [float(r[f"prob_{c}"]) for r in preds])
                          for c in cols])
-        assert len(json.loads((tmp_path / "out" / "folds" / "fold_0" / "fold.json").read_text())
+        assert len(json.loads((tmp_path / "out" / "folds" / "fold_0" / "fold.json").read_text(encoding="utf-8"))
                    ["loss_state"]["pos_weight"]) == 2
     assert summary["pooled"]["auroc"] == pytest.approx(auroc, abs=1e-6)
 

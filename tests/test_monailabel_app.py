@@ -46,15 +46,15 @@ def test_prepare_app_layout_and_overrides(app_dir, tmp_path):
               "models/model.pt"):
         assert (model / f).is_file(), f
     for config in ("inference.json", "train.json"):  # evaluate.json is an overlay of train.json: it inherits them
-        data = json.loads((model / "configs" / config).read_text())
+        data = json.loads((model / "configs" / config).read_text(encoding="utf-8"))
         assert data["preset"] == "ct" and data["spacing"] == [2, 2, 2] and data["backbone_options"] == TINY
-    evaluate = json.loads((model / "configs" / "evaluate.json").read_text())
+    evaluate = json.loads((model / "configs" / "evaluate.json").read_text(encoding="utf-8"))
     assert not {"preset", "spacing", "backbone_options"} & set(evaluate)
     assert app.command(studies="/data/studies", port=8123) == (
         f"monailabel start_server --app {app_dir} --studies /data/studies --conf models seg_ct "
         "--conf zoo_source github --host 127.0.0.1 --port 8123")
     # the repository's bundle is untouched
-    assert json.loads((BUNDLE / "configs" / "inference.json").read_text())["preset"] == "mri"
+    assert json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))["preset"] == "mri"
 
 
 def test_cli_prints_start_server_line(app_dir, tmp_path, capsys):

@@ -91,7 +91,7 @@ def small(command: str) -> str:
 
 def test_readme_section_lists_runnable_commands():
     """Cheap checks of the section (the slow test runs it): activation first, paths and configs that exist."""
-    commands = readme_commands(README.read_text())
+    commands = readme_commands(README.read_text(encoding="utf-8"))
     assert commands[0] == ACTIVATE
     tools = [shlex.split(c)[:2] for c in commands[1:]]
     assert ["medvol", "preprocess"] in tools and ["medvol", "embed"] in tools
@@ -124,7 +124,7 @@ def test_missing_section_or_blocks_fail():
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
-    commands = readme_commands(README.read_text())
+    commands = readme_commands(README.read_text(encoding="utf-8"))
     assert commands[0] == ACTIVATE, "the section should start by activating .venv"
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "medvol").is_file(), f"no medvol script next to {sys.executable}"

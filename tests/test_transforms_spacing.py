@@ -70,4 +70,4 @@ def test_fewshot_inference_preprocessing_accepts_image_path(demo_dir):
     out = parser.get_parsed_content("preprocessing")({"image": str(path), "image_path": str(path)})
     assert out["image_path"] == str(path)
     np.testing.assert_allclose(out["image"].pixdim.numpy(), [1.5, 1.5, 1.5], atol=1e-5)
-    assert json.loads((root / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]

@@ -105,7 +105,8 @@ def _set_nested(config: dict, key: str, value) -> bool:
 
 
 def _apply_overrides(configs_dir: Path, overrides: Mapping) -> None:
-    loaded = {f: json.loads((configs_dir / f).read_text()) for f in CONFIG_FILES if (configs_dir / f).is_file()}
+    loaded = {f: json.loads((configs_dir / f).read_text(encoding="utf-8")) for f in CONFIG_FILES
+              if (configs_dir / f).is_file()}
     for key, value in overrides.items():
         hit = [f for f, config in loaded.items() if _set_nested(config, key, value)]
         if not hit:

@@ -263,7 +263,7 @@ def pseudolabel_datalist(datalist: Sequence[dict], pseudolabel_dir: str | os.Pat
         raise ConfigError(f"no pseudo-labels in {folder}: run `{hint}` first")
     settings_file = folder / _SETTINGS
     if num_clusters is not None and settings_file.is_file():
-        k = json.loads(settings_file.read_text()).get("num_clusters")
+        k = json.loads(settings_file.read_text(encoding="utf-8")).get("num_clusters")
         if k != num_clusters:
             raise ConfigError(f"pseudo-labels in {folder} have k={k} clusters but num_clusters={num_clusters}: "
                               f"run `{hint} --num_clusters {num_clusters} --overwrite true` first")

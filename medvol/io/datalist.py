@@ -251,7 +251,7 @@ def datalist_from_msd(dataset_json: str | os.PathLike, section: str = "training"
     """
     path = Path(dataset_json)
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(path, f"cannot read MSD dataset.json ({e})") from e
     if section not in meta or not isinstance(meta[section], list):

@@ -67,7 +67,7 @@ def load_split(path, part: str) -> list[str] | None:
     if path is None or str(path) in ("", "None"):
         return None
     try:
-        split = json.loads(Path(path).read_text())
+        split = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"split_file '{path}' cannot be read ({e})") from e
     if part not in split:

@@ -100,7 +100,7 @@ class MILPredictor:
         run_json = self.model_dir / "run.json"
         if not run_json.is_file():
             raise ConfigError(f"{run_json} not found: model_dir must be a cross-validation output_dir")
-        run = json.loads(run_json.read_text())
+        run = json.loads(run_json.read_text(encoding="utf-8"))
         spec = TargetSpec.from_dict(run["target_spec"])
         network_def = self.network_def if self.network_def is not None else run.get("network")
         if network_def is None:
@@ -116,7 +116,7 @@ class MILPredictor:
         outputs, attention = 0.0, None
         for k in folds:
             fold_dir = self.model_dir / "folds" / f"fold_{k}"
-            state = json.loads((fold_dir / "fold.json").read_text())["loss_state"]
+            state = json.loads((fold_dir / "fold.json").read_text(encoding="utf-8"))["loss_state"]
             model = factory(in_dim=int(run["in_dim"]), n_outputs=int(run["n_outputs"]))
             model.load_state_dict(torch.load(fold_dir / "model.pt", map_location="cpu", weights_only=True))
             ids, out, att, index = predict_bags(model.to(self.device), loader,

@@ -123,7 +123,7 @@ def test_infer_hippocampus_mri(app, shared_data, tmp_path):
 
 def test_infer_totalsegmentator_ct_with_resampling(app, shared_data):
     """CT preset with spacing set: Spacingd runs on MONAI Label's data (image + image_path string)."""
-    config = json.loads((app / "model" / CT_NAME / "configs" / "inference.json").read_text())
+    config = json.loads((app / "model" / CT_NAME / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert config["preset"] == "ct" and config["spacing"] == [6.0, 6.0, 6.0]
     image = shared_data / "totalseg_ct" / "ct" / "example_ct.nii.gz"
     seg = _infer(BundleInferTask(str(app / "model" / CT_NAME), conf={}), image)
@@ -199,7 +199,7 @@ def test_server_info_and_infer_on_loopback(app, hippo, tmp_path):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(2)
-        assert info is not None, (tmp_path / "server.log").read_text()[-4000:]
+        assert info is not None, (tmp_path / "server.log").read_text(encoding="utf-8")[-4000:]
         assert NAME in info["models"], info["models"]
         model = info["models"][NAME]
         assert model["labels"] == {"anterior": 1, "posterior": 2}
