@@ -25,7 +25,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-# The unit tests that train nothing (no bundle runs, no training loops): about half a minute on 2 cores.
+# The tests not marked slow (no bundle runs, no training loops): about a minute on 2 quiet cores.
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
