@@ -59,7 +59,8 @@ def bundle_parser(bundle: str, *configs: str, **overrides):
 
 def bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run ARGS`` from the repository root, as a user runs it (output captured)."""
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           timeout=timeout, cwd=REPO_ROOT, env=env)
 
 
@@ -73,7 +74,7 @@ def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600)
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
            "monai.bundle", "run", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

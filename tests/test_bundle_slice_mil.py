@@ -81,7 +81,8 @@ def test_bundle_train_then_inference(demo_dir, tmp_path):
            "--num_folds", "2", "--network_def#hidden_dim", "16", "--network_def#attention_dim", "8",
            "--plot_cases", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_cases"] == 20 and len(metrics["per_fold"]) == 2 and 0 <= metrics["pooled"]["auroc"] <= 1

@@ -190,7 +190,8 @@ def test_torchrun_shards_and_merges(demo_dir, checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medvol",
            "embed", str(src), str(sharded), "--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), *SET]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300, cwd=REPO_ROOT)
     assert proc.returncode != 0, proc.stderr[-2000:]  # some inputs failed -> every rank exits 1
     assert "3 ok" in proc.stdout and f"{len(BAD_INPUTS)} failed" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     _same_results(single, sharded)
@@ -246,7 +247,8 @@ def test_default_checkpoint_is_the_bundles_model(demo_dir, checkpoint, tmp_path)
 
 
 def test_help_lists_the_options():
-    proc = subprocess.run([sys.executable, "-m", "medvol", "embed", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "medvol", "embed", "--help"], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           timeout=120)
     assert proc.returncode == 0
     for option in ("--bundle", "--checkpoint", "--workers", "--overwrite", "--batch-size", "--device", "--set"):

@@ -147,7 +147,8 @@ def test_torchrun_shards_and_merges(demo_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "medvol", "preprocess", str(src), str(sharded), "--preset", "mri"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300, cwd=REPO_ROOT)
     assert proc.returncode != 0, proc.stderr[-2000:]  # some inputs failed -> every rank exits 1
     assert "5 ok" in proc.stdout and f"{len(BAD_INPUTS)} failed" in proc.stdout, proc.stdout
     rows = _manifest(sharded)
@@ -181,7 +182,8 @@ def test_usage_errors_exit_2(demo_dir, tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "medvol", "preprocess", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "medvol", "preprocess", "--help"], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           timeout=120)
     assert proc.returncode == 0 and "--preset" in proc.stdout and "--workers" in proc.stdout
 
@@ -203,7 +205,8 @@ def test_path_errors_come_before_the_heavy_imports(argv, tmp_path):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     code = (f"import sys; from medvol.apps.cli import main; rc = main({argv!r}); "
             "print(rc, 'torch' in sys.modules, 'monai' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
     assert "/nonexistent/in does not exist" in proc.stderr

@@ -41,7 +41,8 @@ print(json.dumps({"before": before, "again": again, "inertia": km.inertia_, "raw
 @pytest.mark.parametrize("order", ["faiss-first", "simpleitk-first"])
 def test_training_works_in_both_import_orders(order):
     """faiss.Kmeans.train raised AssertionError when SimpleITK (another SWIG module) was imported after faiss."""
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_ORDER_CHECK, order], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_ORDER_CHECK, order], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -174,7 +174,7 @@ def test_memory_stays_bounded_on_a_memmap_larger_than_the_bound(tmp_path):
         del mm
         assert path.stat().st_size > 4 * bound
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_MEMORY_CHECK), str(path)], capture_output=True,
-                              text=True, timeout=600)
+                              encoding="utf-8", errors="replace", timeout=600)
     finally:
         path.unlink(missing_ok=True)  # do not leave 195 MiB behind in pytest's kept temp folders
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -134,7 +134,8 @@ def test_readme_commands_run_as_written(tmp_path):
     outputs = {}
     for command in commands[1:]:
         run = small(command)
-        proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True,
+        proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True,
+                              encoding="utf-8", errors="replace",
                               timeout=600)
         assert proc.returncode == 0, f"$ {run}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         outputs[command] = proc.stdout + proc.stderr

@@ -61,7 +61,7 @@ def checkpoint(hippo, tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "train.json"),
            "--bundle_root", str(BUNDLE), "--dataset_dir", str(hippo), "--output_dir", str(out),
            "--num_labeled", "2", "--max_epochs", "1", "--iterations_per_epoch", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "models" / "model.pt"
@@ -73,7 +73,7 @@ def app(checkpoint, tmp_path_factory) -> Path:
     app_dir = tmp_path_factory.mktemp("app") / "medvol_app"
     proc = subprocess.run([_bin("medvol"), "monailabel-app", str(app_dir), "--bundle", str(BUNDLE),
                            "--checkpoint", str(checkpoint), "--studies", "/data/studies", "--port", "8123"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"monailabel start_server --app {app_dir} --studies /data/studies --conf models {NAME} " \
            "--conf zoo_source github --host 127.0.0.1 --port 8123" in proc.stdout
@@ -114,7 +114,7 @@ def test_infer_hippocampus_mri(app, shared_data, tmp_path):
                            str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE),
                            "--dataset_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
                            "--ckpt_path", str(app / "model" / NAME / "models" / "model.pt")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = nib.load(tmp_path / "out" / "segmentations" / "hippocampus_014_seg.nii.gz")
     agree = float((np.asarray(cli.dataobj) == np.asarray(seg.dataobj)).mean())
