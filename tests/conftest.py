@@ -81,6 +81,15 @@ def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600)
 HIPPO_IMAGE = "hippocampus/imagesTr/hippocampus_004.nii.gz"
 
 
+def copy_labeled_hippo(demo_dir: Path, root: Path, n: int) -> Path:
+    """The first ``n`` demo hippocampus image/label pairs in an MSD layout (``root/imagesTr``, ``root/labelsTr``)."""
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for f in sorted((demo_dir / "hippocampus" / sub).iterdir())[:n]:
+            shutil.copy(f, root / sub / f.name)
+    return root
+
+
 def copy_hippo(demo_dir: Path, dst: Path, n: int) -> list[Path]:
     """Copy the first ``n`` demo hippocampus MRI volumes into ``dst``; returns the copies."""
     dst.mkdir(parents=True, exist_ok=True)

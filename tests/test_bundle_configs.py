@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLES_DIR, REPO_ROOT, copy_labeled_hippo
 
 STATS_SCRIPT = REPO_ROOT / "scripts" / "bundle_config_stats.py"
 BUNDLES = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "train.json").is_file())
@@ -80,12 +79,7 @@ def test_configs_reference_no_other_bundle(bundle):
 @pytest.fixture(scope="module")
 def tiny_data(demo_dir, tmp_path_factory) -> Path:
     """Two labeled hippocampus MRIs (MSD layout)."""
-    root = tmp_path_factory.mktemp("tiny")
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir()
-        for f in sorted((demo_dir / "hippocampus" / sub).iterdir())[:2]:
-            shutil.copy(f, root / sub / f.name)
-    return root
+    return copy_labeled_hippo(demo_dir, tmp_path_factory.mktemp("tiny"), 2)
 
 
 def _workflow(bundle: str, workflow_type: str | None, files: list[str], run_id: str = "run", **overrides):

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow, run_bundle
+from conftest import BUNDLES_DIR, bundle_cli, bundle_ddp, bundle_workflow, copy_labeled_hippo, run_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -27,12 +27,7 @@ STANDALONE = {("fewshot_segmentation", "inference.json")}
 @pytest.fixture(scope="module")
 def hippo(demo_dir, tmp_path_factory) -> Path:
     """Six labeled hippocampus volumes (MSD layout)."""
-    root = tmp_path_factory.mktemp("hippo")
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir()
-        for f in sorted((demo_dir / "hippocampus" / sub).iterdir())[:6]:
-            shutil.copy(f, root / sub / f.name)
-    return root
+    return copy_labeled_hippo(demo_dir, tmp_path_factory.mktemp("hippo"), 6)
 
 
 def _ssl_overrides(bundle: str, data: Path, out: Path, **kw) -> dict:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, overlay
+from conftest import BUNDLES_DIR, REPO_ROOT, bundle_cli, copy_labeled_hippo, overlay
 
 TINY = "{'unet': {'channels': [4, 8, 16], 'norm': 'instance'}}"
 EPOCHS, ITERATIONS = 2, 3
@@ -21,12 +20,7 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ")
 
 @pytest.fixture(scope="module")
 def hippo4(demo_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hippo4")
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir()
-        for f in sorted((demo_dir / "hippocampus" / sub).iterdir())[:4]:
-            shutil.copy(f, root / sub / f.name)
-    return root
+    return copy_labeled_hippo(demo_dir, tmp_path_factory.mktemp("hippo4"), 4)
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
