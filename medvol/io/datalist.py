@@ -49,7 +49,6 @@ __all__ = [
     "IMAGE_LABEL_DIRS",
 ]
 
-logger = logging.getLogger(__name__)
 
 # (images sub-folder, labels sub-folder) layouts recognised by datalist_from_folder, in priority order
 IMAGE_LABEL_DIRS = (("imagesTr", "labelsTr"), ("images", "labels"), ("imagesTs", "labelsTs"))
@@ -193,8 +192,9 @@ def datalist_from_folder(root: str | os.PathLike, allow_unlabeled: bool = False)
             done.append(sub)
     claimed = {d[k] for d in datalist for k in ("image", "label") if k in d}
     rest = [v for v in volumes if v not in claimed]
-    images = [v for v in rest if not is_label_path(v, root)]
-    labels = [v for v in rest if is_label_path(v, root)]
+    is_label = {v: is_label_path(v, root) for v in rest}
+    images = [v for v in rest if not is_label[v]]
+    labels = [v for v in rest if is_label[v]]
     by_image: dict[str, list[str]] = {}
     for v in images:
         name = case_name(v)
