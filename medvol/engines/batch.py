@@ -188,6 +188,7 @@ def run_batch(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     manifest_path = Path(manifest_path)
+    remove_stale_temps(manifest_path)  # a killed run can leave its manifest's temp file (and skip every job)
     rank, world = dist_context()
     dist = _init_dist(world)
     order = [j.source for j in jobs]
