@@ -40,4 +40,5 @@ from medvol.io.readers import (
     is_volume_path,
     volume_suffix,
 )
+from medvol.io.reports import image_report_datalist, join_sentences, report_sentences, split_sentences
 from medvol.io.splits import load_split, select_labeled, split_datalist

@@ -3,6 +3,8 @@
 - :class:`InfoNCELoss`: NT-Xent with labels or a positive/negative/ignore mask (SimCLR, Chaitanya G^R/G^D-/G^D).
 - :class:`MoCoLoss`: MoCo v2 with a queue of negatives (CAiD's instance discrimination), or in-batch negatives.
 - :class:`LocalContrastiveLoss`: Chaitanya et al.'s region-level loss on 2D/3D decoder maps.
+- :class:`GlobalAlignmentLoss` / :class:`LocalIntraSampleLoss`: image-report alignment (LoVT global and local terms;
+  ConVIRT and CLIP use the global one).
 - :class:`RestorationLoss`: masked MSE / L1 (context restoration).
 - :class:`LeCLLoss`: MoCo v3 (a :class:`MoCoLoss` with in-batch negatives, times 2T) with CLEAR's lesion-weighted
   denominator.
@@ -16,6 +18,7 @@ live in :mod:`medvol.losses.utils`.
 
 from __future__ import annotations
 
+from medvol.losses.image_report import GlobalAlignmentLoss, LocalIntraSampleLoss, spatial_positive_weights
 from medvol.losses.infonce import InfoNCELoss
 from medvol.losses.lecl import LeCLLoss
 from medvol.losses.local_contrastive import LocalContrastiveLoss
@@ -23,5 +26,6 @@ from medvol.losses.moco import MoCoLoss
 from medvol.losses.restoration import RestorationLoss
 from medvol.losses.swapped_prediction import PixelSwappedCELoss, SwappedPredictionLoss
 
-__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss", "PixelSwappedCELoss",
+__all__ = ["GlobalAlignmentLoss", "LocalIntraSampleLoss", "spatial_positive_weights",
+           "InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss", "PixelSwappedCELoss",
            "SwappedPredictionLoss"]

@@ -4,5 +4,6 @@ from medvol.methods.base import SSLMethod
 from medvol.methods.caid import CAiD
 from medvol.methods.glcl import GlobalLocalContrastive, positive_mask
 from medvol.methods.lecl import LeCL
+from medvol.methods.lovt import LoVT
 from medvol.methods.patch_cluster import PatchClustering
 from medvol.methods.pixel_cluster import PixelClustering

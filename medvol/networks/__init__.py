@@ -11,6 +11,7 @@ from __future__ import annotations
 from .embedding import EmbeddingNet
 from .factory import BACKBONES, Backbone, build_backbone, register_backbone, resolve_norm
 from .heads import ConvProjectionHead, GlobalPoolHead, MLPHead, PredictionHead, ProjectionHead
+from .image_report import ImageReportModel
 from .mil import ABMIL, MIL_POOLINGS, PMA, MILOutput, build_mil_network, masked_softmax
 from .momentum import copy_momentum_encoder, cosine_momentum, unwrap_module, update_momentum
 from .pretrained import load_pretrained
@@ -48,6 +49,7 @@ __all__ = [
     "MoCoQueue",
     "load_pretrained",
     "EmbeddingNet",
+    "ImageReportModel",
     "ABMIL",
     "PMA",
     "MILOutput",
