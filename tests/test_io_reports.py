@@ -73,6 +73,9 @@ def test_covid_notes_datalist_groups_by_patient(tmp_path):
     assert all("\n" not in s for it in items for s in it["sentences"])
     assert items[0]["finding"] == "ARDS"  # other columns kept for evaluation
     assert join_sentences(items[0]["sentences"]).split("\n") == items[0]["sentences"]
+    assert items[0]["report"] == join_sentences(items[0]["sentences"]) and items[0]["report_text"].startswith("Severe")
+    same = [it["group"] for it in items if it["report_text"] == items[1]["report_text"]]
+    assert len(same) > 1 and len(set(same)) == 1  # one note shared by several images: one group
 
 
 def test_iu_pairs_with_two_report_columns():
@@ -80,7 +83,7 @@ def test_iu_pairs_with_two_report_columns():
     items = image_report_datalist(root / "pairs.csv", report_key=["findings", "impression"], subject_key="uid")
     assert len(items) == 9 and len({it["subject"] for it in items}) == 6
     uid3 = [it for it in items if it["subject"] == "3"][0]
-    assert uid3["sentences"] and uid3["report"].startswith("IMPRESSION:")  # uid 3: impression only
+    assert uid3["sentences"] and uid3["report_text"].startswith("IMPRESSION:")  # uid 3: impression only
 
 
 def test_folder_and_json_sources_and_errors(tmp_path):

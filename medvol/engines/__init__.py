@@ -15,6 +15,7 @@ from medvol.engines.handlers import (
     scalar_outputs,
     warmup_cosine_schedule,
 )
+from medvol.engines.image_report import image_report_inference
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
 from medvol.engines.workflow import (
     build_evaluator,

@@ -15,8 +15,8 @@ Report preprocessing, in the order :func:`report_sentences` applies it:
 
 Datalists: :func:`image_report_datalist` reads a CSV or JSON file of (``image``, ``report``) rows (optional
 ``subject`` for grouping, e.g. patient folds) or pairs every image in a folder with the report file beside it
-(``case.png`` + ``case.txt``). Each item has ``image`` (a path), ``report`` (the raw text), ``sentences`` (the
-preprocessed list) and ``subject``. A missing image or an empty report is a :class:`~medvol.errors.DataError`
+(``case.png`` + ``case.txt``). Each item has ``image`` (a path), ``report`` (the preprocessed sentences, one
+per line), ``report_text`` (raw), ``sentences``, ``subject`` and ``group``. A missing image or an empty report is a :class:`~medvol.errors.DataError`
 naming the file and row.
 """
 
@@ -231,7 +231,9 @@ def image_report_datalist(source: str | os.PathLike, image_key: str = "image", r
         keep_columns: keep the table's other columns in each item (``finding``, ``view``, ... for evaluation).
 
     Returns:
-        Items ``{"image": str, "report": raw text, "sentences": [...], "subject": str, ...}``.
+        Items ``{"image": str, "report": the preprocessed sentences joined by newlines (what a batch carries),
+        "report_text": the raw text, "sentences": [...], "subject": str, "group": int, ...}``; ``group`` numbers
+        the distinct reports (images sharing one report text share it: they are not each other's negatives).
 
     Raises:
         DataError: a missing table/folder, missing columns, a missing image file, or a report with fewer than
@@ -287,10 +289,14 @@ def image_report_datalist(source: str | os.PathLike, image_key: str = "image", r
             item.update({"image": str(path), "report": text,
                          "subject": str(subject) if subject not in (None, "") else str(path), "_where": where})
             items.append(item)
+    groups: dict[tuple, int] = {}
     for item in items:
         where = item.pop("_where")
+        item["report_text"] = item["report"]
         item["sentences"] = report_sentences(item["report"], sections=sections, max_sentences=max_sentences)
         if len(item["sentences"]) < min_sentences:
             raise DataError(where, f"report has {len(item['sentences'])} usable sentence(s), "
                                    f"need at least {min_sentences}")
+        item["report"] = join_sentences(item["sentences"])
+        item["group"] = groups.setdefault(tuple(item["sentences"]), len(groups))
     return items

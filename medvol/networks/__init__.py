@@ -25,6 +25,7 @@ from .slice_encoders import (
     build_slice_encoder,
 )
 from .swin import SwinBackbone
+from .text import PretrainedTextEncoder, ScratchTextEncoder, build_text_encoder
 from .unet import UNet3D, UNetDecoder, UNetEncoder
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
     "load_pretrained",
     "EmbeddingNet",
     "ImageReportModel",
+    "build_text_encoder",
+    "ScratchTextEncoder",
+    "PretrainedTextEncoder",
     "ABMIL",
     "PMA",
     "MILOutput",
