@@ -16,8 +16,8 @@ Report preprocessing, in the order :func:`report_sentences` applies it:
 Datalists: :func:`image_report_datalist` reads a CSV or JSON file of (``image``, ``report``) rows (optional
 ``subject`` for grouping, e.g. patient folds) or pairs every image in a folder with the report file beside it
 (``case.png`` + ``case.txt``). Each item has ``image`` (a path), ``report`` (the preprocessed sentences, one
-per line), ``report_text`` (raw), ``sentences``, ``subject`` and ``group``. A missing image or an empty report is a :class:`~medvol.errors.DataError`
-naming the file and row.
+per line), ``report_text`` (raw), ``sentences``, ``subject`` and ``group``. A missing image or an empty report
+is a :class:`~medvol.errors.DataError` naming the file and row.
 """
 
 from __future__ import annotations
