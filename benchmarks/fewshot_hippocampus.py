@@ -1,9 +1,9 @@
 """Few-shot hippocampus benchmark: what self-supervised pretraining is worth with 1, 2, 5, 10 and all labels.
 
 On MSD Task04 Hippocampus with the fixed split in ``benchmarks/splits/hippocampus_fewshot.json`` (150 pool /
-50 test): pretrain every SSL method on the 150 pool images (labels unused), then fine-tune the
+test): pretrain every SSL method on the 150 pool images (labels unused), then fine-tune the
 ``fewshot_segmentation`` bundle from scratch and from each pretrained checkpoint with n labeled pool volumes
-(3 seeds = 3 different labeled subsets) and evaluate Dice (anterior, posterior) on the 50 test volumes.
+(3 seeds = 3 different labeled subsets) and evaluate Dice (anterior, posterior) on the test volumes.
 
 Everything runs through the bundles (``monai.bundle.ConfigWorkflow``) with command-line style overrides, so
 the numbers are what a user gets from ``python -m monai.bundle run``. Stages are cached in ``--out``: re-running
@@ -215,6 +215,12 @@ def finetune_all(args, checkpoints: dict) -> list[dict]:
 # ---- stage 3: report ------------------------------------------------------------------------------------------
 
 
+def split_sizes(split: Path) -> tuple[int, int]:
+    """(pool, test) volume counts of the split file: the report prints these, not numbers written in the text."""
+    d = json.loads(Path(split).read_text(encoding="utf-8"))
+    return len(d["pool"]), len(d["test"])
+
+
 def report(args, results: list[dict], pretrain_stats: dict) -> str:
     import numpy as np
 
@@ -233,7 +239,8 @@ def report(args, results: list[dict], pretrain_stats: dict) -> str:
             table[(init, n)] = (float(np.mean(m)), float(np.std(m)), float(np.mean(a)), float(np.mean(p)), len(rs))
             cells.append(f"{np.mean(m):.3f} ± {np.std(m):.3f} ({np.mean(a):.2f} / {np.mean(p):.2f})" if rs else "-")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: mean Dice over the 50 test volumes, mean ± std over seeds (anterior / posterior).", "",
+    n_pool, n_test = split_sizes(args.split)
+    lines += ["", f"Cells: mean Dice over the {n_test} test volumes, mean ± std over seeds (anterior / posterior).", "",
               "| pretraining | epochs | iterations | crops/s | train time (s) | peak RSS (MB) |",
               "|---|---|---|---|---|---|"]
     for method, s in pretrain_stats.items():
@@ -244,17 +251,17 @@ def report(args, results: list[dict], pretrain_stats: dict) -> str:
         lines.append(f"\n{method} minus scratch (mean Dice): " + ", ".join(
             f"{n}: {g:+.3f}" for n, g in zip(labels, gains)))
     text = "\n".join(lines)
-    _plot(args, table, inits, labels)
+    _plot(args, table, inits, labels, n_pool, n_test)
     return text
 
 
-def _plot(args, table, inits, labels) -> None:
+def _plot(args, table, inits, labels, n_pool: int, n_test: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [150 if n == "all" else int(n) for n in labels]
+    xs = [n_pool if n == "all" else int(n) for n in labels]
     fig, ax = plt.subplots(figsize=(6, 4))
     for init in inits:
         mean = [table[(init, n)][0] for n in labels]
@@ -264,7 +271,7 @@ def _plot(args, table, inits, labels) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels(labels)
     ax.set_xlabel("labeled training volumes")
-    ax.set_ylabel("mean Dice on 50 test volumes")
+    ax.set_ylabel(f"mean Dice on {n_test} test volumes")
     ax.set_title("Few-shot hippocampus (MSD Task04), 3 seeds")
     ax.grid(alpha=0.3)
     ax.legend()
