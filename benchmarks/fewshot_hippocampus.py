@@ -1,7 +1,7 @@
 """Few-shot hippocampus benchmark: what self-supervised pretraining is worth with 1, 2, 5, 10 and all labels.
 
 On MSD Task04 Hippocampus with the fixed split in ``benchmarks/splits/hippocampus_fewshot.json`` (150 pool /
-test): pretrain every SSL method on the 150 pool images (labels unused), then fine-tune the
+50 test): pretrain every SSL method on the 150 pool images (labels unused), then fine-tune the
 ``fewshot_segmentation`` bundle from scratch and from each pretrained checkpoint with n labeled pool volumes
 (3 seeds = 3 different labeled subsets) and evaluate Dice (anterior, posterior) on the test volumes.
 
