@@ -348,10 +348,12 @@ def cmd_bundle(args) -> int:
             if args.checkpoint is not None and not args.checkpoint.is_file():
                 raise UsageError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
             dest = export_bundle(args.name, args.dir, checkpoint=args.checkpoint, force=args.force)
-            weights = " with models/model.pt" if args.checkpoint is not None else " (no weights: train it first)"
+            weights = " with models/model.pt" if args.checkpoint is not None else ""
             print(f"bundle {args.name} exported to {dest}{weights}; train it with:")
             print(f"  python -m monai.bundle run --config_file {dest}/configs/train.json --bundle_root {dest} "
                   "--dataset_dir DATA")
+            print(f"its other commands: {dest}/docs/README.md (with --bundle_root {dest}"
+                  + (f" --ckpt_path {dest}/models/model.pt)" if args.checkpoint is not None else ")"))
     except ConfigError as e:
         raise UsageError(str(e)) from None
     return EXIT_OK
