@@ -185,3 +185,17 @@ def test_demo_where_prints_the_shipped_demo_data(capsys):
     assert main(["demo", "--where"]) == 0
     where = Path(capsys.readouterr().out.strip())
     assert where == DEMO_DIR and (where / "hippocampus" / "LICENSE").is_file()
+
+
+@pytest.mark.parametrize("bundle, message", [
+    ("nope", "medvol embed: error: --bundle nope: no such folder, and unknown bundle 'nope'; the bundles shipped "
+             "with medvol are: caid, "),
+    ("lecl_slice_embedding", "medvol embed: error: the bundle has no trained checkpoint "),  # found by name
+])
+def test_embed_takes_a_shipped_bundle_by_name(bundle, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert main(["embed", str(DEMO_DIR / "hippocampus" / "imagesTr"), str(tmp_path / "out"), "--bundle", bundle]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    if bundle != "nope":
+        assert str(BUNDLES_DIR / bundle) in err[0]

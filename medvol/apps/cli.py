@@ -174,7 +174,8 @@ def _add_embed(sub):
     )
     p.add_argument("input", type=Path, help="folder, MSD dataset.json or CSV datalist")
     p.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/lecl_slice_embedding")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/lecl_slice_embedding, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="encoder state dict (default: BUNDLE/models/model.pt, else inference.json's ckpt_path)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
@@ -212,9 +213,22 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def _resolve_bundle(bundle: Path) -> Path:
+    """``--bundle`` is a folder, or the name of a shipped bundle (``medvol bundle list``) when no such folder exists."""
+    if bundle.exists() or len(bundle.parts) != 1:
+        return bundle
+    from medvol.bundles import bundle_path
+
+    try:
+        return bundle_path(bundle.name)
+    except ConfigError as e:
+        raise UsageError(f"--bundle {bundle}: no such folder, and {e}") from None
+
+
 def cmd_embed(args) -> int:
     # cheap argument checks first: a wrong path is reported before seconds of torch/MONAI imports
     _check_io_folders(args.input, args.output)
+    args.bundle = _resolve_bundle(args.bundle)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.batch_size < 1:
@@ -276,7 +290,8 @@ def _add_monailabel_app(sub):
         "--checkpoint runs/seg/models/model.pt --studies /data/studies",
     )
     p.add_argument("app", type=Path, help="app folder to create or update")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/fewshot_segmentation")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/fewshot_segmentation, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="trained state dict, e.g. runs/seg/models/model.pt (default: BUNDLE/models/model.pt)")
     p.add_argument("--name", default=None, help="model name in MONAI Label (default: the bundle folder's name)")
@@ -293,6 +308,7 @@ def _add_monailabel_app(sub):
 
 
 def cmd_monailabel_app(args) -> int:
+    args.bundle = _resolve_bundle(args.bundle)
     from medvol.apps.monailabel_app import prepare_app
 
     overrides = _parse_overrides(args.overrides)
