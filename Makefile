@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvol-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-monailabel lint clean
+.PHONY: setup demo test test-fast test-monailabel lint dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,13 @@ lint: setup
 	$(BIN)/ruff check medvol tests benchmarks scripts
 	$(BIN)/python scripts/bundle_config_stats.py --check
 
+# The wheel and sdist of medvol-ssl in dist/ (bundles/ and demo_data/ inside, see setup.py). build/ is removed
+# first: setuptools never deletes files left there by an earlier build, and the wheel would ship them.
+dist: setup
+	rm -rf build dist *.egg-info
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist')"
+	rm -rf build *.egg-info
+
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache build dist *.egg-info

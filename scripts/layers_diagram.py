@@ -24,6 +24,7 @@ NOTES = {
     "io": "readers, datalists, splits,\nbags, atomic writes, manifests",
     "networks": "UNet3D, SwinUNETR, heads,\nmomentum, MIL pooling",
     "losses": "InfoNCE, MoCo, local,\nrestoration, swapped",
+    "bundles": "shipped bundles by name,\nexport, demo data",
     "transforms": "presets, N4, views,\nslices, writers",
     "engines": "SSL trainer, handlers,\nbatch runner, embedding",
     "cluster": "k-means, Sinkhorn,\npseudo-labels",

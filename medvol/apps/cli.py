@@ -174,7 +174,8 @@ def _add_embed(sub):
     )
     p.add_argument("input", type=Path, help="folder, MSD dataset.json or CSV datalist")
     p.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/lecl_slice_embedding")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/lecl_slice_embedding, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="encoder state dict (default: BUNDLE/models/model.pt, else inference.json's ckpt_path)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
@@ -212,9 +213,22 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def _resolve_bundle(bundle: Path) -> Path:
+    """``--bundle`` is a folder, or the name of a shipped bundle (``medvol bundle list``) when no such folder exists."""
+    if bundle.exists() or len(bundle.parts) != 1:
+        return bundle
+    from medvol.bundles import bundle_path
+
+    try:
+        return bundle_path(bundle.name)
+    except ConfigError as e:
+        raise UsageError(f"--bundle {bundle}: no such folder, and {e}") from None
+
+
 def cmd_embed(args) -> int:
     # cheap argument checks first: a wrong path is reported before seconds of torch/MONAI imports
     _check_io_folders(args.input, args.output)
+    args.bundle = _resolve_bundle(args.bundle)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.batch_size < 1:
@@ -276,7 +290,8 @@ def _add_monailabel_app(sub):
         "--checkpoint runs/seg/models/model.pt --studies /data/studies",
     )
     p.add_argument("app", type=Path, help="app folder to create or update")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/fewshot_segmentation")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/fewshot_segmentation, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="trained state dict, e.g. runs/seg/models/model.pt (default: BUNDLE/models/model.pt)")
     p.add_argument("--name", default=None, help="model name in MONAI Label (default: the bundle folder's name)")
@@ -293,6 +308,7 @@ def _add_monailabel_app(sub):
 
 
 def cmd_monailabel_app(args) -> int:
+    args.bundle = _resolve_bundle(args.bundle)
     from medvol.apps.monailabel_app import prepare_app
 
     overrides = _parse_overrides(args.overrides)
@@ -307,6 +323,58 @@ def cmd_monailabel_app(args) -> int:
     return EXIT_OK
 
 
+def _add_bundle(sub):
+    p = sub.add_parser("bundle", help="list, locate or export the MONAI bundles shipped with medvol",
+                       description="The bundles shipped with medvol, by name: list them, print one's folder, or "
+                       "export one as a self-contained MONAI bundle folder (configs/, docs/, LICENSE, the zoo "
+                       "files, models/model.pt with --checkpoint) that `python -m monai.bundle run --bundle_root "
+                       "DIR` runs. See docs/bundles.md.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", help="the shipped bundles: name, version, task")
+    _add_debug(ls)
+    path = actions.add_parser("path", help="print the folder of bundle NAME")
+    path.add_argument("name", metavar="NAME", help="a bundle name (see `medvol bundle list`)")
+    _add_debug(path)
+    ex = actions.add_parser("export", help="copy bundle NAME into DIR as a self-contained bundle folder",
+                            epilog="example: medvol bundle export fewshot_segmentation my_bundle "
+                            "--checkpoint runs/seg/models/model.pt")
+    ex.add_argument("name", metavar="NAME", help="a bundle name (see `medvol bundle list`)")
+    ex.add_argument("dir", type=Path, metavar="DIR", help="folder to create (may exist if empty)")
+    ex.add_argument("--checkpoint", type=Path, default=None, metavar="CKPT",
+                    help="trained state dict to ship as DIR/models/model.pt")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    _add_debug(ex)
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args) -> int:
+    import json
+
+    from medvol.bundles import bundle_path, bundles_root, export_bundle, list_bundles
+
+    try:
+        if args.action == "list":
+            for name in list_bundles():
+                meta = json.loads((bundle_path(name) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+                print(f"{name:<26} {meta.get('version', '?'):<8} {meta.get('task', '')}")
+            print(f"({bundles_root()})")
+        elif args.action == "path":
+            print(bundle_path(args.name))
+        else:
+            if args.checkpoint is not None and not args.checkpoint.is_file():
+                raise UsageError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
+            dest = export_bundle(args.name, args.dir, checkpoint=args.checkpoint, force=args.force)
+            weights = " with models/model.pt" if args.checkpoint is not None else ""
+            print(f"bundle {args.name} exported to {dest}{weights}; train it with:")
+            print(f"  python -m monai.bundle run --config_file {dest}/configs/train.json --bundle_root {dest} "
+                  "--dataset_dir DATA")
+            print(f"its other commands: {dest}/docs/README.md (with --bundle_root {dest}"
+                  + (f" --ckpt_path {dest}/models/model.pt)" if args.checkpoint is not None else ")"))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the end-to-end demo on the data shipped with medvol",
                        description="Preprocess the demo scans (MRI with labels, CT, DICOM, NRRD) with QC pictures, "
@@ -314,13 +382,21 @@ def _add_demo(sub):
                        "weights shipped with medvol, 3 seeds each, with Dice and segmentation pictures (a few "
                        "minutes on CPU).")
     p.add_argument("--output", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
-    p.add_argument("--data", type=Path, default=None, help="demo data folder (default: the repository's demo_data)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="demo data folder (default: the one shipped with medvol, see --where)")
     p.add_argument("--no-train", action="store_true", help="only preprocess (skip fine-tuning)")
+    p.add_argument("--where", action="store_true",
+                   help="print the folder of the demo data shipped with medvol (with its licences) and exit")
     _add_debug(p)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    if args.where:
+        from medvol.bundles import demo_data_dir
+
+        print(demo_data_dir())
+        return EXIT_OK
     from medvol.apps.demo import run_demo
 
     return run_demo(args.output, args.data, train=not args.no_train, command=main)
@@ -335,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     _add_embed(sub)
     _add_monailabel_app(sub)
+    _add_bundle(sub)
     _add_demo(sub)
     return parser
 
