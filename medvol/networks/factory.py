@@ -59,8 +59,8 @@ class Backbone(nn.Module):
     and the sub-modules ``encoder`` (``forward(x) -> list``), ``decoder`` (``forward(features, num_levels) ->
     list``) and ``head``.
 
-    ``forward`` and ``encode`` compile with ``torch.jit.script`` (MONAI's ``ckpt_export``; ``encode`` is exported
-    too, so a TorchScript backbone still gives the encoder maps). The attributes are deliberately not declared as
+    ``forward`` and ``encode`` compile with ``torch.jit.script`` (MONAI's ``ckpt_export``; ``encode`` is not
+    exported, so that a backbone MONAI cannot script, e.g. SwinUNETR, can still be traced). The attributes are deliberately not declared as
     class annotations: TorchScript would read ``encoder: nn.Module`` as the attribute's type and fail. The input
     check with its readable message runs in eager mode only; a scripted module fails inside the convolutions.
     """
@@ -82,7 +82,6 @@ class Backbone(nn.Module):
                     f"(size {s}); pad or crop every spatial size to a multiple of {self.spatial_divisor}."
                 )
 
-    @torch.jit.export
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder feature maps, fine -> coarse; the last one is the bottleneck (``len(encoder_channels)`` maps)."""
         if not torch.jit.is_scripting():
