@@ -60,9 +60,10 @@ class Backbone(nn.Module):
     list``) and ``head``.
 
     ``forward`` and ``encode`` compile with ``torch.jit.script`` (MONAI's ``ckpt_export``; ``encode`` is not
-    exported, so that a backbone MONAI cannot script, e.g. SwinUNETR, can still be traced). The attributes are deliberately not declared as
-    class annotations: TorchScript would read ``encoder: nn.Module`` as the attribute's type and fail. The input
-    check with its readable message runs in eager mode only; a scripted module fails inside the convolutions.
+    exported, so that a backbone MONAI cannot script, e.g. SwinUNETR, can still be traced). The attributes are
+    deliberately not declared as class annotations: TorchScript would read ``encoder: nn.Module`` as the
+    attribute's type and fail. The input check with its readable message runs in eager mode only; a scripted
+    module fails inside the convolutions.
     """
 
     @torch.jit.unused
