@@ -30,7 +30,8 @@ NOTES = {
     "cluster": "k-means, Sinkhorn,\npseudo-labels",
     "mil": "bags dataset, MIL\ncross-validation",
     "methods": "CAiD, G+L contrastive, patch/pixel clustering, LeCL",
-    "apps": "medvol CLI: preprocess, embed, demo, monailabel-app",
+    "search": "FAISS similar-case\nindex, id map",
+    "apps": "medvol CLI: preprocess, embed, index, search, demo, monailabel-app",
 }
 
 
