@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from ignite.engine import Events
 from monai.handlers import LrScheduleHandler

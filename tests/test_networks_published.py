@@ -127,7 +127,8 @@ def _swinvit_published(feature_size: int) -> dict:
     state.update({"module.rotation_head.weight": torch.randn(4, dim), "module.rotation_head.bias": torch.randn(4),
                   "module.contrastive_head.weight": torch.randn(512, dim),
                   "module.contrastive_head.bias": torch.randn(512),
-                  "module.convTrans3d.weight": torch.randn(dim, 1, 32, 32, 32), "module.convTrans3d.bias": torch.randn(1)})
+                  "module.convTrans3d.weight": torch.randn(dim, 1, 32, 32, 32),
+                  "module.convTrans3d.bias": torch.randn(1)})
     return {"state_dict": state}
 
 
@@ -171,8 +172,8 @@ def test_swinvit_ssl_variants_and_errors():
     assert detect_layout({k[7:]: v for k, v in research.items()}) == "swinvit_ssl"
     report = load_pretrained(SwinBackbone(feature_size=12), research, prefixes=("encoder.swinViT.",), strict=True)
     assert len(report["loaded"]) == len(published) - 6
-    with pytest.raises(DataError, match=r"does not fit SwinBackbone \(swinvit_ssl layout.*other shapes.*"
-                                        r"encoder\.swinViT\.patch_embed\.proj\.weight \(24, 1, 2, 2, 2\) vs \(12, 1, 2, 2, 2\)"):
+    shape = r"encoder\.swinViT\.patch_embed\.proj\.weight \(24, 1, 2, 2, 2\) vs \(12, 1, 2, 2, 2\)"
+    with pytest.raises(DataError, match=r"does not fit SwinBackbone \(swinvit_ssl layout.*other shapes.*" + shape):
         load_pretrained(SwinBackbone(feature_size=12), _swinvit_published(24), prefixes=("encoder.swinViT.",),
                         strict=True)
     with pytest.raises(DataError, match="swinvit_ssl checkpoint .* fits medvol's SwinBackbone, not UNet3D"):

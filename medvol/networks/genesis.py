@@ -68,7 +68,8 @@ class _Up(nn.Module):
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int, act: str, norm: str):
         super().__init__()
         self.up_conv = nn.ConvTranspose3d(in_ch, in_ch, kernel_size=2, stride=2)
-        self.ops = nn.Sequential(_ConvNormAct(in_ch + skip_ch, out_ch, act, norm), _ConvNormAct(out_ch, out_ch, act, norm))
+        self.ops = nn.Sequential(_ConvNormAct(in_ch + skip_ch, out_ch, act, norm),
+                                 _ConvNormAct(out_ch, out_ch, act, norm))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.ops(torch.cat((self.up_conv(x), skip), dim=1))

@@ -151,7 +151,9 @@ class SwinBackbone(Backbone):
         return out
 
     @staticmethod
-    def from_swinvit_ssl_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def from_swinvit_ssl_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Rename the self-supervised Swin checkpoint of Tang et al. 2022 (MONAI's ``model_swinvit.pt``) to this layout.
 
         The published file is ``{"state_dict": ...}`` with keys ``module.patch_embed.proj.*``,
@@ -174,8 +176,8 @@ class SwinBackbone(Backbone):
             if name.startswith(_SSL_HEADS):
                 dropped.append(key)
             elif name.startswith(("patch_embed.", "layers")):
-                out["encoder.swinViT." + name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")] \
-                    = value
+                name = name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+                out["encoder.swinViT." + name] = value
             else:
                 out[key] = value
         return out, dropped
