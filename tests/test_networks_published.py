@@ -190,3 +190,19 @@ def test_monai_swinunetr_state_dict_loads_into_swin_backbone():
     x = torch.randn(1, 1, 32, 32, 64)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), monai_net.eval()(x))
+
+
+def test_fewshot_bundle_fine_tunes_from_published_models_genesis_weights(tmp_path, demo_dir):
+    from conftest import bundle_workflow, copy_labeled_hippo
+
+    path = tmp_path / "Genesis_Chest_CT.pt"
+    torch.save(_genesis_published(base=4), path)
+    data = copy_labeled_hippo(demo_dir, tmp_path / "data", 2)
+    wf = bundle_workflow("fewshot_segmentation", dataset_dir=str(data), output_dir=str(tmp_path / "run"),
+                         backbone="models_genesis", backbone_options={"models_genesis": {"base_channels": 4}},
+                         pretrained_checkpoint=str(path))
+    net = wf.parser.get_parsed_content("network_def")
+    assert isinstance(net, ModelsGenesisUNet3D) and net.head.weight.shape[0] == 3
+    published = _genesis_published(base=4)["state_dict"]
+    torch.testing.assert_close(net.state_dict()["decoder.up_tr8.ops.1.conv1.weight"],
+                               published["module.up_tr8.ops.1.conv1.weight"])
