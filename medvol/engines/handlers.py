@@ -255,5 +255,8 @@ class PerClassMetrics:
             return
         names = self.class_names if len(self.class_names) == scores.shape[1] else \
             [f"class{i}" for i in range(scores.shape[1])]
+        derived = getattr(engine.state, "derived_metrics", None) or set()
         for name, value in zip(names, scores.nanmean(dim=0).tolist()):
             engine.state.metrics[f"{self.prefix}{name}"] = value
+            derived.add(f"{self.prefix}{name}")
+        engine.state.derived_metrics = derived  # MetricsReport prints them within the line of their source
