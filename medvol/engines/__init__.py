@@ -10,10 +10,10 @@ from medvol.engines.handlers import (
     EpochHookHandler,
     ModelSaver,
     MomentumUpdateHandler,
+    PerClassMetrics,
     QueueUpdateHandler,
     ResumableCheckpoint,
     scalar_outputs,
-    warmup_cosine_schedule,
 )
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
 from medvol.engines.workflow import (

@@ -40,4 +40,4 @@ from medvol.io.readers import (
     is_volume_path,
     volume_suffix,
 )
-from medvol.io.splits import load_split, select_labeled, split_datalist
+from medvol.io.splits import AUTO_MIN_ITEMS, AUTO_VAL_FRACTION, load_split, select_labeled, split_datalist

@@ -1,19 +1,21 @@
 """medvol.networks: backbones with feature taps, heads, momentum encoders, the MoCo queue, pretrained loading.
 
-Backbones (:class:`UNet3D`, :class:`SwinBackbone`, built by name with :func:`build_backbone`) share the
-:class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode`` (coarse -> fine maps), ``forward_features``
-and ``forward`` (plain logits, usable as a MONAI bundle ``network_def``), with weights under ``encoder.``,
-``decoder.`` and ``head.`` so :func:`load_pretrained` can transfer the encoder alone.
+Backbones (:class:`UNet3D`, :class:`SwinBackbone`, :class:`ModelsGenesisUNet3D`, built by name with
+:func:`build_backbone`) share the :class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode``
+(coarse -> fine maps), ``forward_features`` and ``forward`` (plain logits, usable as a MONAI bundle
+``network_def``), with weights under ``encoder.``, ``decoder.`` and ``head.`` so :func:`load_pretrained` can
+transfer the encoder alone, and maps published checkpoints (Swin SSL, Models Genesis) onto them.
 """
 
 from __future__ import annotations
 
 from .embedding import EmbeddingNet
 from .factory import BACKBONES, Backbone, build_backbone, register_backbone, resolve_norm
+from .genesis import ModelsGenesisUNet3D, genesis_to_medvol
 from .heads import ConvProjectionHead, GlobalPoolHead, MLPHead, PredictionHead, ProjectionHead
 from .mil import ABMIL, MIL_POOLINGS, PMA, MILOutput, build_mil_network, masked_softmax
 from .momentum import copy_momentum_encoder, cosine_momentum, unwrap_module, update_momentum
-from .pretrained import load_pretrained
+from .pretrained import LAYOUTS, detect_layout, load_pretrained
 from .queue import MoCoQueue
 from .slice_encoders import (
     SLICE_ENCODERS,
@@ -47,6 +49,10 @@ __all__ = [
     "unwrap_module",
     "MoCoQueue",
     "load_pretrained",
+    "detect_layout",
+    "LAYOUTS",
+    "ModelsGenesisUNet3D",
+    "genesis_to_medvol",
     "EmbeddingNet",
     "ABMIL",
     "PMA",
