@@ -81,6 +81,7 @@ def select_labeled(datalist: list[dict], num_labeled: int | str = "all", seed: i
         raise ConfigError(f"num_labeled must be >= 1, got {num_labeled}")
     if num_labeled > len(datalist):
         raise ConfigError(f"num_labeled={num_labeled} but the labeled pool has only {len(datalist)} volumes")
+    # not MONAI's partition_dataset (RandomState shuffle): this draw defines the benchmark's published subsets
     order = np.random.default_rng(seed).permutation(len(datalist))[:num_labeled]
     return [datalist[i] for i in sorted(order.tolist())]
 
