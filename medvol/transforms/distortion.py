@@ -179,6 +179,7 @@ class RandLocalPixelShuffle(RandomizableTransform):
         self.num_blocks = _check_count(num_blocks, "num_blocks")
         self.block_size = _check_fractions(block_size, "block_size")
         self.blocks = np.zeros((0, 2, 0), dtype=int)
+        self.orders: list[np.ndarray] = []
 
     def randomize(self, spatial_shape: Sequence[int]) -> None:
         super().randomize(None)
@@ -189,6 +190,7 @@ class RandLocalPixelShuffle(RandomizableTransform):
         sides = self.R.randint(lo, hi + 1, size=(n, len(lo)))  # (n, D)
         starts = (self.R.random_sample((n, len(lo))) * (np.asarray(spatial_shape) - sides + 1)).astype(int)
         self.blocks = np.stack([starts, starts + sides], axis=1)  # (n, 2, D)
+        self.orders = [self.R.permutation(int(v)) for v in sides.prod(axis=1)]  # one voxel order per block
 
     def __call__(self, img, randomize: bool = True):
         if randomize:
@@ -197,15 +199,15 @@ class RandLocalPixelShuffle(RandomizableTransform):
             return img
         out = convert_to_tensor(img, track_meta=False).detach().cpu().numpy().copy()
         channels = out.shape[0]
-        for start, end in self.blocks:
+        for (start, end), order in zip(self.blocks, self.orders):
             index = (slice(None), *(slice(s, e) for s, e in zip(start, end)))
             window = out[index].reshape(channels, -1)  # (C, voxels of the block)
-            out[index] = window[:, self.R.permutation(window.shape[1])].reshape(out[index].shape)
+            out[index] = window[:, order].reshape(out[index].shape)
         return convert_to_dst_type(out, img)[0]
 
 
 class RandLocalPixelShuffled(_BoxesDictMixin, RandomizableTransform, MapTransform):
-    """Dictionary version of :class:`RandLocalPixelShuffle`: the same blocks for every key."""
+    """Dictionary version of :class:`RandLocalPixelShuffle`: the same blocks and voxel orders for every key."""
 
     def __init__(self, keys: KeysCollection, prob: float = 0.5, num_blocks: int | Sequence[int] = 10000,
                  block_size: Sequence[float] = (0.0, 0.1), allow_missing_keys: bool = False) -> None:
