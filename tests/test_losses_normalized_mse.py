@@ -23,8 +23,8 @@ def test_matches_reference():
     torch.manual_seed(0)
     q, z = torch.randn(6, 10), torch.randn(6, 10) * 3
     ref = reference(q, z)
-    torch.testing.assert_close(NormalizedMSELoss(reduction="none")(q, z).double(), torch.tensor(ref, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+    per_pair = NormalizedMSELoss(reduction="none")(q, z).double()
+    torch.testing.assert_close(per_pair, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert math.isclose(float(NormalizedMSELoss()(q, z)), sum(ref) / 6, rel_tol=1e-5)
     assert math.isclose(float(NormalizedMSELoss(reduction="sum")(q, z)), sum(ref), rel_tol=1e-5)
 
