@@ -22,6 +22,9 @@ TINY = {
     "pixel_clustering": {**TINY_UNET, "num_clusters": 3, "cluster_samples": 2000, "cluster_quota": 1000,
                          "kmeans_device": "cpu", "montage_volumes": 0},
     "fewshot_segmentation": TINY_UNET,
+    "simclr": {**TINY_UNET, "method#hidden_dim": 16},
+    "byol": {**TINY_UNET, "method#hidden_dim": 16},
+    "models_genesis": {**TINY_UNET, "shuffle_blocks": 100},
     "lecl_slice_embedding": {"encoder_options": {"mambaout": {"dims": [8, 16], "depths": [1, 1]}}, "spatial_size": 32},
 }
 # (bundle, MONAI workflow type, config files merged in order): every train.json and every overlay on it

@@ -1,8 +1,11 @@
 """medvol.methods: pretext tasks, each a module of views + loss on a shared backbone (see base.SSLMethod)."""
 
 from medvol.methods.base import SSLMethod
+from medvol.methods.byol import BYOL
 from medvol.methods.caid import CAiD
 from medvol.methods.glcl import GlobalLocalContrastive, positive_mask
 from medvol.methods.lecl import LeCL
+from medvol.methods.models_genesis import ModelsGenesis
 from medvol.methods.patch_cluster import PatchClustering
 from medvol.methods.pixel_cluster import PixelClustering
+from medvol.methods.simclr import SimCLR

@@ -1,10 +1,16 @@
-"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views, 2.5D slices)."""
+"""medvol.transforms: MONAI-style array + dictionary transforms (validation, N4, presets, SSL views and
+distortions, 2.5D slices)."""
 
-from medvol.transforms.augment import (
+from medvol.transforms.augment import flip_augmentation, intensity_augmentation, lecl_view_augmentation
+from medvol.transforms.distortion import (
+    RandBezierIntensity,
+    RandBezierIntensityd,
+    RandLocalPixelShuffle,
+    RandLocalPixelShuffled,
+    RandPainting,
+    RandPaintingd,
     caid_distortion,
-    flip_augmentation,
-    intensity_augmentation,
-    lecl_view_augmentation,
+    models_genesis_distortion,
 )
 from medvol.transforms.geometry import (
     box_intersection,
