@@ -7,6 +7,9 @@
 - :class:`NormalizedMSELoss`: BYOL's ``2 - 2 cos`` between a prediction and a detached target.
 - :class:`LeCLLoss`: MoCo v3 (a :class:`MoCoLoss` with in-batch negatives, times 2T) with CLEAR's lesion-weighted
   denominator.
+- :class:`SiameseCosineLoss`: PCRLv2's (SimSiam-style) predictor vs stop-gradient projection comparison.
+- :class:`VoCoLoss` / :class:`VoCoRegularizationLoss`: VoCo's overlap-proportion prediction and base-crop
+  decorrelation.
 - :class:`SwappedPredictionLoss` / :class:`PixelSwappedCELoss`: volumetric clustering's swapped prediction
   (patch level, SwAV style; pixel level on the ROI-aligned overlap of two views, aligned by
   :mod:`medvol.transforms.geometry`).
@@ -22,8 +25,11 @@ from medvol.losses.lecl import LeCLLoss
 from medvol.losses.local_contrastive import LocalContrastiveLoss
 from medvol.losses.moco import MoCoLoss
 from medvol.losses.normalized_mse import NormalizedMSELoss
+from medvol.losses.pcrlv2 import SiameseCosineLoss
 from medvol.losses.restoration import RestorationLoss
 from medvol.losses.swapped_prediction import PixelSwappedCELoss, SwappedPredictionLoss
+from medvol.losses.voco import VoCoLoss, VoCoRegularizationLoss, voco_logits
 
 __all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "NormalizedMSELoss", "RestorationLoss",
-           "PixelSwappedCELoss", "SwappedPredictionLoss"]
+           "PixelSwappedCELoss", "SwappedPredictionLoss", "SiameseCosineLoss", "VoCoLoss", "VoCoRegularizationLoss",
+           "voco_logits"]

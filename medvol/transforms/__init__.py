@@ -26,6 +26,15 @@ from medvol.transforms.lesion import RandLesionSliceViewsd
 from medvol.transforms.lesion_boxes import LesionBoxesd, as_lesion_boxes, lesion_boxes_from_mask
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset, slice_preset
+from medvol.transforms.pretext import (
+    RandLocalCropsd,
+    RandRotate90Class,
+    RandRotate90Classd,
+    VoCoCrops,
+    VoCoCropsd,
+    grid_overlap,
+    swin_inpainting_cutout,
+)
 from medvol.transforms.save import RecordSourceGridd, SaveBagd, SaveEmbeddingd
 from medvol.transforms.slices import CT_WINDOWS, VolumeToSlices, VolumeToSlicesd, slice_channels
 from medvol.transforms.spacing import KeySafeSpacingd
