@@ -31,25 +31,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
-# pretraining method -> (bundle, extra overrides); every batch entry of these methods is one crop seen in 2 views
+# pretraining method -> (bundle, extra overrides); every batch entry is one crop, seen in VIEWS_PER_CROP views
 METHODS = {
     "caid": ("caid", {}),
     "global_local_contrastive": ("global_local_contrastive", {}),
     "patch_clustering": ("patch_clustering", {}),
     "pixel_clustering": ("pixel_clustering", {}),
+    "simclr": ("simclr", {}),
+    "byol": ("byol", {}),
+    "models_genesis": ("models_genesis", {}),
+    "pcrlv2": ("pcrlv2", {}),
+    # VoCo's SwinUNETR default would not be comparable with the U-Net fine-tuning of this benchmark
+    "voco": ("voco", {"backbone": "unet", "roi_size": [32, 32, 32]}),
 }
 # run ids of a method's bundle that must run before its training ("run"), in order, on the same overrides
 PRE_STEPS = {"pixel_clustering": ("cluster",)}  # pseudo-labels: k-means fitted once, one map per volume
 VIEWS_PER_CROP = 2
+# views per batch entry where not 2: Models Genesis one distorted view (the target is the crop itself),
+# PCRLv2 2 global + 6 local crops, VoCo 4 base + 2 random crops
+VIEWS_PER_SAMPLE = {"models_genesis": 1, "pcrlv2": 8, "voco": 6}
 # pretraining epochs relative to --pretrain-epochs, so every method gets a similar compute budget:
 # global+local contrastive feeds 4 partition crops per volume (4x CAiD's work per epoch)
-EPOCH_SCALE = {"global_local_contrastive": 0.25}
+# VoCo feeds 4 base crops + 2 random crops per volume (3x CAiD's 2 views)
+EPOCH_SCALE = {"global_local_contrastive": 0.25, "voco": 0.33}
 # fine-tuning overrides per initialisation (what is transferred); see docs/benchmarks.md for how they were chosen
 FINETUNE = {
     # chosen on a validation split of the pool (130 pool / 20 validation volumes, 2 labels, 3 seeds), not on the
     # test set: encoder-only 0.794, encoder + decoder 0.779, scratch 0.775 mean Dice
     "caid": {"pretrained_prefixes": ["encoder."]},
     "patch_clustering": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
+    "simclr": {"pretrained_prefixes": ["encoder."]},  # encoder only trained (not chosen on validation data)
+    "byol": {"pretrained_prefixes": ["encoder."]},  # encoder only trained (not chosen on validation data)
+    "pcrlv2": {"pretrained_prefixes": ["encoder."]},  # skip-free decoder: its shapes differ from the U-Net's
+    "voco": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
 }
 
 
@@ -137,7 +151,7 @@ def _pretrain_one(method: str, args) -> None:
     wf.finalize()
     samples = timing["samples"]
     stats = {"method": method, "epochs": epochs, "iterations": trainer.state.iteration,
-             "samples": samples, "crops": samples * VIEWS_PER_CROP,
+             "samples": samples, "crops": samples * VIEWS_PER_SAMPLE.get(method, VIEWS_PER_CROP),
              "train_seconds": timing["train_seconds"], "wall_seconds": wall, "peak_rss_mb": _peak_rss_mb(),
              "checkpoint": str(out / "models" / "model.pt"), **step_seconds}
     stats["crops_per_second"] = stats["crops"] / max(stats["train_seconds"], 1e-9)

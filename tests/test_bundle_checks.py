@@ -34,10 +34,24 @@ NETWORK_CONFIG = {
     "patch_clustering": "train.json",
     "pixel_clustering": "train.json",
     "slice_mil": "train.json",
+    "simclr": "train.json",
+    "byol": "train.json",
+    "models_genesis": "train.json",
+    "pcrlv2": "train.json",
+    "swinunetr_ssl": "train.json",
+    "voco": "train.json",
 }
 BUNDLES = sorted(NETWORK_CONFIG)
 # bundles whose inference loads one models/model.pt (slice_mil's loads the k fold models of a cross-validation)
 WITH_WEIGHTS = [b for b in BUNDLES if b != "slice_mil"]
+# SwinUNETR does not compile with torch.jit.script (MONAI's own Swin bundles are not scripted either): these
+# bundles export by tracing (`ckpt_export ... --use_trace True --input_shape ...`), at the metadata's smallest input
+TRACED = {"swinunetr_ssl", "voco"}
+
+
+def test_every_bundle_is_checked():
+    """A new bundle joins these checks: the list above is every folder under bundles/."""
+    assert sorted(p.parent.parent.name for p in BUNDLES_DIR.glob("*/configs/metadata.json")) == BUNDLES
 
 
 def _paths(bundle: str) -> tuple[Path, Path, Path]:
@@ -143,7 +157,8 @@ def _real_input(bundle: str) -> torch.Tensor:
     if bundle == "slice_mil":  # a bag: one 288-feature row per axial slice (12 x 24 average-pooled slice)
         rows = torch.nn.functional.adaptive_avg_pool2d(vol.permute(2, 0, 1)[:, None], (12, 24)).flatten(1)
         return rows[None, None]  # (B, 1, N, D)
-    size = [16 * -(-s // 16) for s in vol.shape]  # pad to the next multiple of 16 (what the metadata states)
+    m = _shape(_io(bundle)[0]["spatial_shape"])[0]  # pad to the next multiple the metadata states (16 or 64)
+    size = [m * -(-s // m) for s in vol.shape]
     pad = [p for s, t in zip(reversed(vol.shape), reversed(size)) for p in (0, t - s)]
     return torch.nn.functional.pad(vol, pad)[None, None]
 
@@ -159,10 +174,11 @@ def test_ckpt_export_torchscript_matches_eager_on_a_real_volume(bundle, tmp_path
     torch.manual_seed(0)
     net = _parser(bundle).get_parsed_content("network_def").eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
-                meta_file=str(meta), config_file=str(config), bundle_root=str(root))
-    scripted = torch.jit.load(str(tmp_path / "model.ts"), map_location="cpu").eval()
     x = _real_input(bundle)
+    trace = {"use_trace": True, "input_shape": list(x.shape)} if bundle in TRACED else {}
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+                meta_file=str(meta), config_file=str(config), bundle_root=str(root), **trace)
+    scripted = torch.jit.load(str(tmp_path / "model.ts"), map_location="cpu").eval()
     with torch.no_grad():
         eager, exported = net(x), scripted(x)
         assert exported.shape == eager.shape and torch.isfinite(eager).all()

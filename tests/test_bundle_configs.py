@@ -14,6 +14,8 @@ from conftest import BUNDLES_DIR, REPO_ROOT, copy_labeled_hippo
 STATS_SCRIPT = REPO_ROOT / "scripts" / "bundle_config_stats.py"
 BUNDLES = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "train.json").is_file())
 TINY_UNET = {"backbone_options": {"unet": {"channels": [4, 8, 16]}}, "pad_size": [32, 48, 32], "roi_size": [16, 16, 16]}
+TINY_SWIN = {"backbone_options": {"swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "norm": "group"}},
+             "pad_size": [32, 48, 32], "roi_size": [32, 32, 32]}
 TINY = {
     "caid": TINY_UNET,
     "global_local_contrastive": {**TINY_UNET, "roi_size": [16, 16, 8], "method#local_levels": 2,
@@ -22,6 +24,13 @@ TINY = {
     "pixel_clustering": {**TINY_UNET, "num_clusters": 3, "cluster_samples": 2000, "cluster_quota": 1000,
                          "kmeans_device": "cpu", "montage_volumes": 0},
     "fewshot_segmentation": TINY_UNET,
+    "simclr": {**TINY_UNET, "method#hidden_dim": 16},
+    "byol": {**TINY_UNET, "method#hidden_dim": 16},
+    "models_genesis": {**TINY_UNET, "shuffle_blocks": 100},
+    "pcrlv2": {**TINY_UNET, "local_size": [8, 8, 8], "num_local": 2},
+    "swinunetr_ssl": {**TINY_SWIN, "max_holes": 5},
+    "voco": {**TINY_SWIN, "voco_grid": [2, 2, 1], "base_size": [16, 24, 32], "method#hidden_dim": 16,
+             "method#proj_dim": 16},
     "lecl_slice_embedding": {"encoder_options": {"mambaout": {"dims": [8, 16], "depths": [1, 1]}}, "spatial_size": 32},
 }
 # (bundle, MONAI workflow type, config files merged in order): every train.json and every overlay on it

@@ -34,7 +34,7 @@ def _dataset(demo_dir, n=4):
     det = [mri_preset(keys=("image",), size=(32, 48, 32), crop_foreground=False)]
     rand = [RandCropPaird("image", ROI), CopyItemsd("image_v1", names="target_v1"),
             intensity_augmentation("image_v1"), intensity_augmentation("image_v2"),
-            caid_distortion("image_v1", ROI), caid_distortion("image_v2", ROI),
+            caid_distortion("image_v1"), caid_distortion("image_v2"),
             SelectItemsd(["image_v1", "image_v2", "target_v1"]),
             EnsureTyped(["image_v1", "image_v2", "target_v1"], track_meta=False)]
     return SeededDataset(data, det, rand)
