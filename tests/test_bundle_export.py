@@ -95,6 +95,30 @@ def test_export_with_a_checkpoint_ships_it_as_models_model_pt(tmp_path):
     assert (out / "models" / "model.pt").read_bytes() == ckpt.read_bytes()
 
 
+@pytest.mark.parametrize("name", ["caid", "fewshot_segmentation"])
+def test_inference_of_an_exported_bundle_loads_its_released_weights(name, tmp_path):
+    """model-zoo layout: inference.json's default ckpt_path is the exported models/model.pt; without it, the
+    file training writes under output_dir."""
+    from monai.bundle import ConfigParser
+
+    def ckpt_path(root):
+        configs = root / "configs"
+        files = [configs / "inference.json"] if name == "fewshot_segmentation" else [configs / "train.json",
+                                                                                     configs / "inference.json"]
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser["bundle_root"] = str(root)
+        return parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("output_dir")
+
+    ckpt = tmp_path / "trained.pt"
+    torch.save({"w": torch.arange(3.0)}, ckpt)
+    released = mb.export_bundle(name, tmp_path / "released", checkpoint=ckpt)
+    assert ckpt_path(released)[0] == str(released / "models" / "model.pt")
+    plain = mb.export_bundle(name, tmp_path / "plain")
+    path, output_dir = ckpt_path(plain)
+    assert path == str(Path(output_dir) / "models" / "model.pt") and not (plain / "models").exists()
+
+
 def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not weights\n")

@@ -21,6 +21,7 @@ from medvol.engines.workflow import (
     build_inference,
     build_segmentation_evaluator,
     build_trainer,
+    default_checkpoint,
     evaluation_datalist,
     inference_dataset,
     lower_is_better,

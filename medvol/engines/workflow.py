@@ -77,6 +77,7 @@ __all__ = [
     "inference_dataset",
     "segmentation_writer",
     "build_inference",
+    "default_checkpoint",
 ]
 
 logger = logging.getLogger("medvol.engines")
@@ -334,6 +335,25 @@ def segmentation_writer(preprocessing, output_dir: str | os.PathLike, postfix: s
         SaveImaged("pred", output_dir=str(output_dir), output_postfix=postfix, output_dtype=torch.uint8,
                    resample=False, separate_folder=False, print_log=False),
     ])
+
+
+def default_checkpoint(bundle_root: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """The weights an ``inference.json`` loads when no ``--ckpt_path`` is given.
+
+    A bundle in model-zoo's layout carries its released weights as ``<bundle_root>/models/model.pt``
+    (``medvol bundle export --checkpoint``); that file wins when it exists. Otherwise it is what this bundle's own
+    ``train.json`` wrote, ``<output_dir>/models/model.pt`` (its best epoch; see :class:`ModelSaver`).
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> default_checkpoint(root, root / "runs") == str(root / "runs" / "models" / "model.pt")
+    True
+    >>> (root / "models").mkdir(); (root / "models" / "model.pt").touch()
+    >>> default_checkpoint(root, root / "runs") == str(root / "models" / "model.pt")
+    True
+    """
+    released = Path(bundle_root) / "models" / "model.pt"
+    return str(released if released.is_file() else Path(output_dir) / "models" / "model.pt")
 
 
 def build_inference(network: nn.Module, dataset, postprocessing, checkpoint: str | os.PathLike,
