@@ -6,3 +6,4 @@ from medvol.methods.glcl import GlobalLocalContrastive, positive_mask
 from medvol.methods.lecl import LeCL
 from medvol.methods.patch_cluster import PatchClustering
 from medvol.methods.pixel_cluster import PixelClustering
+from medvol.methods.spark import SparK

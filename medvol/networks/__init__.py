@@ -23,6 +23,7 @@ from .slice_encoders import (
     ViTSliceEncoder,
     build_slice_encoder,
 )
+from .sparse import mask_at, masked_norm, sparse_encode
 from .swin import SwinBackbone
 from .unet import UNet3D, UNetDecoder, UNetEncoder
 
@@ -36,6 +37,9 @@ __all__ = [
     "UNetEncoder",
     "UNetDecoder",
     "SwinBackbone",
+    "sparse_encode",
+    "masked_norm",
+    "mask_at",
     "MLPHead",
     "ProjectionHead",
     "PredictionHead",
