@@ -148,10 +148,10 @@ def test_swin_gradients_and_bad_size(swin):
 
 
 def test_build_backbone_names_and_error():
-    assert set(BACKBONES) == {"unet", "swinunetr"}
+    assert set(BACKBONES) == {"unet", "swinunetr", "unetr"}
     assert isinstance(build_backbone("UNet", channels=(4, 8)), UNet3D)
     assert isinstance(build_backbone("SwinUNETR", **TINY_SWIN), SwinBackbone)
-    with pytest.raises(ConfigError, match="unknown backbone 'resnet'; valid names: swinunetr, unet"):
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet'; valid names: swinunetr, unet, unetr"):
         build_backbone("resnet")
 
 

@@ -1,9 +1,10 @@
 """medvol.networks: backbones with feature taps, heads, momentum encoders, the MoCo queue, pretrained loading.
 
-Backbones (:class:`UNet3D`, :class:`SwinBackbone`, built by name with :func:`build_backbone`) share the
-:class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode`` (coarse -> fine maps), ``forward_features``
-and ``forward`` (plain logits, usable as a MONAI bundle ``network_def``), with weights under ``encoder.``,
-``decoder.`` and ``head.`` so :func:`load_pretrained` can transfer the encoder alone.
+Backbones (:class:`UNet3D`, :class:`SwinBackbone`, :class:`UNETRBackbone`, built by name with
+:func:`build_backbone`) share the :class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode``
+(coarse -> fine maps), ``forward_features`` and ``forward`` (plain logits, usable as a MONAI bundle
+``network_def``), with weights under ``encoder.``, ``decoder.`` and ``head.`` so :func:`load_pretrained` can
+transfer the encoder alone. :func:`sparse_encode` runs a U-Net encoder on visible patches only (SparK).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .slice_encoders import (
 from .sparse import mask_at, masked_norm, sparse_encode
 from .swin import SwinBackbone
 from .unet import UNet3D, UNetDecoder, UNetEncoder
+from .unetr import UNETRBackbone
 
 __all__ = [
     "BACKBONES",
@@ -37,6 +39,7 @@ __all__ = [
     "UNetEncoder",
     "UNetDecoder",
     "SwinBackbone",
+    "UNETRBackbone",
     "sparse_encode",
     "masked_norm",
     "mask_at",
