@@ -22,6 +22,10 @@ TINY = {
     "pixel_clustering": {**TINY_UNET, "num_clusters": 3, "cluster_samples": 2000, "cluster_quota": 1000,
                          "kmeans_device": "cpu", "montage_volumes": 0},
     "fewshot_segmentation": TINY_UNET,
+    "spark": TINY_UNET,
+    "mae": {"backbone_options": {"unetr": {"img_size": "@roi_size", "hidden_size": 24, "mlp_dim": 48, "num_heads": 2,
+                                           "feature_size": 4}}, "pad_size": [32, 48, 32], "roi_size": [32, 32, 32],
+            "method#decoder_dim": 12, "method#decoder_heads": 2},
     "lecl_slice_embedding": {"encoder_options": {"mambaout": {"dims": [8, 16], "depths": [1, 1]}}, "spatial_size": 32},
 }
 # (bundle, MONAI workflow type, config files merged in order): every train.json and every overlay on it
