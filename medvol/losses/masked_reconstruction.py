@@ -41,7 +41,7 @@ def patchify(x: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Tensor:
 
     Example:
         >>> patchify(torch.zeros(2, 1, 8, 8, 4), 4).shape
-        torch.Size([2, 8, 64])
+        torch.Size([2, 4, 64])
     """
     dims = x.ndim - 2
     patch = _patch_tuple(patch_size, dims)
