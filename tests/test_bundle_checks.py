@@ -40,6 +40,8 @@ NETWORK_CONFIG = {
     "pcrlv2": "train.json",
     "swinunetr_ssl": "train.json",
     "voco": "train.json",
+    "spark": "train.json",
+    "mae": "train.json",
 }
 BUNDLES = sorted(NETWORK_CONFIG)
 # bundles whose inference loads one models/model.pt (slice_mil's loads the k fold models of a cross-validation)

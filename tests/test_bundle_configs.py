@@ -31,6 +31,10 @@ TINY = {
     "swinunetr_ssl": {**TINY_SWIN, "max_holes": 5},
     "voco": {**TINY_SWIN, "voco_grid": [2, 2, 1], "base_size": [16, 24, 32], "method#hidden_dim": 16,
              "method#proj_dim": 16},
+    "spark": TINY_UNET,
+    "mae": {"backbone_options": {"unetr": {"img_size": "@roi_size", "hidden_size": 24, "mlp_dim": 48, "num_heads": 2,
+                                           "feature_size": 4}}, "pad_size": [32, 48, 32], "roi_size": [32, 32, 32],
+            "method#decoder_dim": 12, "method#decoder_heads": 2},
     "lecl_slice_embedding": {"encoder_options": {"mambaout": {"dims": [8, 16], "depths": [1, 1]}}, "spatial_size": 32},
 }
 # (bundle, MONAI workflow type, config files merged in order): every train.json and every overlay on it

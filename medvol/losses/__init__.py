@@ -5,6 +5,7 @@
 - :class:`LocalContrastiveLoss`: Chaitanya et al.'s region-level loss on 2D/3D decoder maps.
 - :class:`RestorationLoss`: masked MSE / L1 (context restoration: CAiD, Models Genesis).
 - :class:`NormalizedMSELoss`: BYOL's ``2 - 2 cos`` between a prediction and a detached target.
+- :class:`MaskedReconstructionLoss`: MSE on masked patches with per-patch normalized targets (MAE, SparK).
 - :class:`LeCLLoss`: MoCo v3 (a :class:`MoCoLoss` with in-batch negatives, times 2T) with CLEAR's lesion-weighted
   denominator.
 - :class:`SiameseCosineLoss`: PCRLv2's (SimSiam-style) predictor vs stop-gradient projection comparison.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from medvol.losses.infonce import InfoNCELoss
 from medvol.losses.lecl import LeCLLoss
 from medvol.losses.local_contrastive import LocalContrastiveLoss
+from medvol.losses.masked_reconstruction import MaskedReconstructionLoss
 from medvol.losses.moco import MoCoLoss
 from medvol.losses.normalized_mse import NormalizedMSELoss
 from medvol.losses.pcrlv2 import SiameseCosineLoss
@@ -30,6 +32,6 @@ from medvol.losses.restoration import RestorationLoss
 from medvol.losses.swapped_prediction import PixelSwappedCELoss, SwappedPredictionLoss
 from medvol.losses.voco import VoCoLoss, VoCoRegularizationLoss, voco_logits
 
-__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "NormalizedMSELoss", "RestorationLoss",
-           "PixelSwappedCELoss", "SwappedPredictionLoss", "SiameseCosineLoss", "VoCoLoss", "VoCoRegularizationLoss",
-           "voco_logits"]
+__all__ = ["InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MaskedReconstructionLoss", "MoCoLoss",
+           "NormalizedMSELoss", "RestorationLoss", "PixelSwappedCELoss", "SwappedPredictionLoss", "SiameseCosineLoss",
+           "VoCoLoss", "VoCoRegularizationLoss", "voco_logits"]

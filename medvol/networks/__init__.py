@@ -1,10 +1,11 @@
 """medvol.networks: backbones with feature taps, heads, momentum encoders, the MoCo queue, pretrained loading.
 
-Backbones (:class:`UNet3D`, :class:`SwinBackbone`, :class:`ModelsGenesisUNet3D`, built by name with
-:func:`build_backbone`) share the :class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode``
+Backbones (:class:`UNet3D`, :class:`SwinBackbone`, :class:`UNETRBackbone`, :class:`ModelsGenesisUNet3D`, built by
+name with :func:`build_backbone`) share the :class:`Backbone` interface: ``encode`` (fine -> coarse maps), ``decode``
 (coarse -> fine maps), ``forward_features`` and ``forward`` (plain logits, usable as a MONAI bundle
 ``network_def``), with weights under ``encoder.``, ``decoder.`` and ``head.`` so :func:`load_pretrained` can
 transfer the encoder alone, and maps published checkpoints (Swin SSL, Models Genesis) onto them.
+:func:`sparse_encode` runs a U-Net encoder on visible patches only (SparK).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from .slice_encoders import (
     ViTSliceEncoder,
     build_slice_encoder,
 )
+from .sparse import mask_at, masked_norm, sparse_encode
 from .swin import SwinBackbone
 from .unet import UNet3D, UNetDecoder, UNetEncoder
+from .unetr import UNETRBackbone
 
 __all__ = [
     "BACKBONES",
@@ -38,6 +41,10 @@ __all__ = [
     "UNetEncoder",
     "UNetDecoder",
     "SwinBackbone",
+    "UNETRBackbone",
+    "sparse_encode",
+    "masked_norm",
+    "mask_at",
     "MLPHead",
     "ProjectionHead",
     "PredictionHead",

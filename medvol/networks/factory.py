@@ -140,6 +140,7 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "unet": {"channels": (16, 32, 64, 128), "norm": "instance"},
     "swinunetr": {"feature_size": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)},
+    "unetr": {"feature_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_heads": 6},
 }
 
 
@@ -152,8 +153,9 @@ def build_backbone(name: str = "unet", options: Mapping[str, Mapping[str, Any]] 
     by ``kwargs``.
 
     Args:
-        name: ``"unet"`` (:class:`~medvol.networks.UNet3D`) or ``"swinunetr"``
-            (:class:`~medvol.networks.SwinBackbone`), case-insensitive.
+        name: ``"unet"`` (:class:`~medvol.networks.UNet3D`), ``"swinunetr"``
+            (:class:`~medvol.networks.SwinBackbone`) or ``"unetr"`` (:class:`~medvol.networks.UNETRBackbone`),
+            case-insensitive.
         options: settings keyed by lower-case backbone name; entries of other backbones are ignored.
         kwargs: passed to the backbone's constructor (e.g. ``in_channels``, ``out_channels``).
 

@@ -24,6 +24,7 @@ from medvol.transforms.geometry import (
 from medvol.transforms.intensity import RandSolarize, RandSolarized
 from medvol.transforms.lesion import RandLesionSliceViewsd
 from medvol.transforms.lesion_boxes import LesionBoxesd, as_lesion_boxes, lesion_boxes_from_mask
+from medvol.transforms.masking import RandPatchMask, RandPatchMaskd
 from medvol.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond
 from medvol.transforms.presets import PRESETS, ForegroundThreshold, ct_preset, get_preset, mri_preset, slice_preset
 from medvol.transforms.pretext import (
