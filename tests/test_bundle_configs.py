@@ -73,9 +73,9 @@ def test_repetition_does_not_grow():
     assert _stats_module().stats(BUNDLES_DIR)["repeated_fraction"] <= 0.56
 
 
-@pytest.mark.xfail(strict=True, reason="issue target of 15 % not reached (55.3 % with 16 bundles): the flat user-facing keys every "
-                   "bundle keeps with the same default (seed, resume, split_file, preset, spacing, pad_size, ...) and "
-                   "the trainer wiring of the three bundles with the same data pipeline are repeated; docs/bundles.md")
+@pytest.mark.xfail(strict=True, reason="issue target of 15 % not reached (55.3 % with 16 bundles): the flat "
+                   "user-facing keys every bundle keeps with the same default (seed, resume, split_file, preset, "
+                   "spacing, pad_size, ...) and the trainer wiring the bundles share are repeated; docs/bundles.md")
 def test_repetition_target():
     assert _stats_module().stats(BUNDLES_DIR)["repeated_fraction"] <= 0.15
 
