@@ -20,6 +20,7 @@ Only the standard library is imported here (``medvol bundle list`` answers at on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,6 +83,24 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and next(path.iterdir(), None) is None
 
 
+def _standalone_inference(configs: Path) -> None:
+    """Rewrite an overlay ``inference.json`` as a standalone config: ``train.json`` with the overlay's top-level
+    entries replacing or adding to it, which is what ``--config_file "['train.json','inference.json']"`` gives.
+
+    model-zoo's checks and tools (and MONAI Label) read ``configs/inference.json`` alone. In the repository it stays
+    an overlay (one definition per entry); an exported bundle carries the merged file. A standalone inference config
+    (it has its own ``imports``) is left as it is; an overlay with ``a#b`` keys (nested updates) is not merged here.
+    """
+    inference, train = configs / "inference.json", configs / "train.json"
+    if not inference.is_file():
+        return
+    overlay = json.loads(inference.read_text(encoding="utf-8"))
+    if "imports" in overlay or any("#" in key for key in overlay):
+        return
+    merged = {**json.loads(train.read_text(encoding="utf-8")), **overlay}
+    inference.write_text(json.dumps(merged, indent=4) + "\n", encoding="utf-8")  # model-zoo's JSON format
+
+
 def export_bundle(name: str, dest: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                   force: bool = False) -> Path:
     """Copy bundle ``name`` into ``dest``, a self-contained bundle folder; returns ``dest``.
@@ -89,7 +108,8 @@ def export_bundle(name: str, dest: str | os.PathLike, checkpoint: str | os.PathL
     Every static file of the bundle is copied (``configs/``, ``docs/``, ``LICENSE`` and the zoo files such as
     ``large_files.yml`` and ``docs/data_license.txt`` when the bundle has them), nothing a run left behind
     (:data:`SKIPPED`). With ``checkpoint`` (a state dict written by the bundle's training) it becomes
-    ``models/model.pt``. The copy is written into a temporary folder beside ``dest`` and renamed into place: an
+    ``models/model.pt``. An ``inference.json`` that overlays ``train.json`` is written merged, standalone, as
+    model-zoo's tools read it (:func:`_standalone_inference`). The copy is written into a temporary folder beside ``dest`` and renamed into place: an
     interrupted export leaves no half-written bundle.
 
     Args:
@@ -130,6 +150,7 @@ def export_bundle(name: str, dest: str | os.PathLike, checkpoint: str | os.PathL
     try:
         staged = tmp / "bundle"
         shutil.copytree(source, staged, ignore=shutil.ignore_patterns(*SKIPPED))
+        _standalone_inference(staged / "configs")
         if checkpoint is not None:
             (staged / "models").mkdir()
             shutil.copyfile(checkpoint, staged / "models" / "model.pt")

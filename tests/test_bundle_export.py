@@ -69,6 +69,8 @@ def test_export_copies_every_static_file(name, tmp_path):
     assert files(out) == static_files(BUNDLES_DIR / name)  # zoo files (large_files.yml, ...) included
     for required in mb.REQUIRED_FILES:
         assert (out / required).read_bytes() == (BUNDLES_DIR / name / required).read_bytes()
+    for f in static_files(BUNDLES_DIR / name) - {"configs/inference.json"}:
+        assert (out / f).read_bytes() == (BUNDLES_DIR / name / f).read_bytes(), f
     assert not (out / "models").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # the staging folder is gone
 
@@ -93,6 +95,33 @@ def test_export_with_a_checkpoint_ships_it_as_models_model_pt(tmp_path):
     torch.save({"w": torch.arange(3.0)}, ckpt)
     out = mb.export_bundle("fewshot_segmentation", tmp_path / "b", checkpoint=ckpt)
     assert (out / "models" / "model.pt").read_bytes() == ckpt.read_bytes()
+
+
+OVERLAY_INFERENCE = [b for b in SHIPPED if "imports" not in json.loads(
+    (BUNDLES_DIR / b / "configs" / "inference.json").read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("name", OVERLAY_INFERENCE)
+def test_exported_inference_json_is_standalone(name, tmp_path):
+    """model-zoo and MONAI Label read configs/inference.json alone: the exported one is train.json merged with the
+    overlay, the same config MONAI builds from ['train.json', 'inference.json'] of the shipped bundle."""
+    from monai.bundle import ConfigParser
+
+    out = mb.export_bundle(name, tmp_path / "b")
+    configs = BUNDLES_DIR / name / "configs"
+    merged = ConfigParser.load_config_files([str(configs / "train.json"), str(configs / "inference.json")])
+    alone = ConfigParser.load_config_files(str(out / "configs" / "inference.json"))
+    assert alone == merged and "imports" in alone
+    text = (out / "configs" / "inference.json").read_text(encoding="utf-8")
+    assert text == json.dumps(alone, indent=4) + "\n"  # model-zoo's pretty-format-json
+
+
+def test_exported_overlay_inference_passes_monai_checks_alone(tmp_path):
+    from monai.bundle import verify_net_in_out
+
+    out = mb.export_bundle("caid", tmp_path / "b")
+    verify_net_in_out(net_id="network_def", meta_file=str(out / "configs" / "metadata.json"),
+                      config_file=str(out / "configs" / "inference.json"), bundle_root=str(out), n=1, device="cpu")
 
 
 @pytest.mark.parametrize("name", ["caid", "fewshot_segmentation"])
@@ -170,8 +199,8 @@ def test_cli_list_path_export(tmp_path, capsys):
     assert main(["bundle", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines[:-1]] == SHIPPED and lines[-1] == f"({BUNDLES_DIR})"
-    meta = json.loads((BUNDLES_DIR / "caid" / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    assert lines[0].split(None, 2) == ["caid", meta["version"], meta["task"]]
+    meta = json.loads((BUNDLES_DIR / SHIPPED[0] / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    assert lines[0].split(None, 2) == [SHIPPED[0], meta["version"], meta["task"]]
     assert main(["bundle", "path", "pixel_clustering"]) == 0
     assert capsys.readouterr().out.strip() == str(BUNDLES_DIR / "pixel_clustering")
     assert main(["bundle", "export", "pixel_clustering", str(tmp_path / "b")]) == 0
@@ -213,7 +242,7 @@ def test_demo_where_prints_the_shipped_demo_data(capsys):
 
 @pytest.mark.parametrize("bundle, message", [
     ("nope", "medvol embed: error: --bundle nope: no such folder, and unknown bundle 'nope'; the bundles shipped "
-             "with medvol are: caid, "),
+             "with medvol are: " + ", ".join(SHIPPED)),
     ("lecl_slice_embedding", "medvol embed: error: the bundle has no trained checkpoint "),  # found by name
 ])
 def test_embed_takes_a_shipped_bundle_by_name(bundle, message, tmp_path, capsys, monkeypatch):
