@@ -109,7 +109,8 @@ def export_bundle(name: str, dest: str | os.PathLike, checkpoint: str | os.PathL
     ``large_files.yml`` and ``docs/data_license.txt`` when the bundle has them), nothing a run left behind
     (:data:`SKIPPED`). With ``checkpoint`` (a state dict written by the bundle's training) it becomes
     ``models/model.pt``. An ``inference.json`` that overlays ``train.json`` is written merged, standalone, as
-    model-zoo's tools read it (:func:`_standalone_inference`). The copy is written into a temporary folder beside ``dest`` and renamed into place: an
+    model-zoo's tools read it (:func:`_standalone_inference`).
+    The copy is written into a temporary folder beside ``dest`` and renamed into place: an
     interrupted export leaves no half-written bundle.
 
     Args:

@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo_data" / "hippocampus"
 EXIT_FAILED, EXIT_NO_GPU = 1, 3
 TINY_UNET = {"backbone_options": {"unet": {"channels": [8, 16, 32], "norm": "instance"}}, "pad_size": [32, 48, 32]}
+TINY_SWIN = {"backbone_options": {"swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "norm": "group"}},
+             "pad_size": [32, 48, 32], "roi_size": [32, 32, 32]}
 # a few iterations per bundle: one epoch over 4 volumes (batch 2), tiny networks
 BUNDLES: dict[str, dict] = {
     "caid": {**TINY_UNET, "roi_size": [16, 16, 16], "method#queue_size": 16, "method#hidden_dim": 16},
@@ -56,6 +58,17 @@ BUNDLES: dict[str, dict] = {
                              "method#pred_hidden_dim": 32},
     "slice_mil": {"num_folds": 2, "network_def#hidden_dim": 16, "network_def#attention_dim": 8, "plot_cases": 0,
                   "target_columns": ["large"], "task": "binary"},
+    "simclr": {**TINY_UNET, "roi_size": [16, 16, 16], "method#hidden_dim": 16},
+    "byol": {**TINY_UNET, "roi_size": [16, 16, 16], "method#hidden_dim": 16},
+    "models_genesis": {**TINY_UNET, "roi_size": [16, 16, 16], "shuffle_blocks": 100},
+    "pcrlv2": {**TINY_UNET, "roi_size": [16, 16, 16], "local_size": [8, 8, 8], "num_local": 2},
+    "swinunetr_ssl": {**TINY_SWIN, "max_holes": 5},
+    "voco": {**TINY_SWIN, "voco_grid": [2, 2, 1], "base_size": [16, 24, 32], "method#hidden_dim": 16,
+             "method#proj_dim": 16},
+    "spark": {**TINY_UNET, "roi_size": [16, 16, 16]},
+    "mae": {"backbone_options": {"unetr": {"img_size": "@roi_size", "hidden_size": 24, "mlp_dim": 48, "num_heads": 2,
+                                           "feature_size": 4}}, "pad_size": [32, 48, 32], "roi_size": [32, 32, 32],
+            "method#decoder_dim": 12, "method#decoder_heads": 2},
 }
 PRE_STEPS = {"pixel_clustering": ["cluster"]}
 

@@ -159,8 +159,13 @@ def _real_input(bundle: str) -> torch.Tensor:
     if bundle == "slice_mil":  # a bag: one 288-feature row per axial slice (12 x 24 average-pooled slice)
         rows = torch.nn.functional.adaptive_avg_pool2d(vol.permute(2, 0, 1)[:, None], (12, 24)).flatten(1)
         return rows[None, None]  # (B, 1, N, D)
-    m = _shape(_io(bundle)[0]["spatial_shape"])[0]  # pad to the next multiple the metadata states (16 or 64)
-    size = [m * -(-s // m) for s in vol.shape]
+    spec = _io(bundle)[0]["spatial_shape"]
+    if all(isinstance(s, int) for s in spec):  # a fixed input (MAE's ViT: learned position embeddings)
+        vol = vol[tuple(slice(0, min(s, t)) for s, t in zip(vol.shape, spec))]
+        size = list(spec)
+    else:  # pad to the next multiple the metadata states (16 or 64)
+        m = _shape(spec)[0]
+        size = [m * -(-s // m) for s in vol.shape]
     pad = [p for s, t in zip(reversed(vol.shape), reversed(size)) for p in (0, t - s)]
     return torch.nn.functional.pad(vol, pad)[None, None]
 
