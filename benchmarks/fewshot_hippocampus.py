@@ -43,13 +43,14 @@ METHODS = {
     "pcrlv2": ("pcrlv2", {}),
     # VoCo's SwinUNETR default would not be comparable with the U-Net fine-tuning of this benchmark
     "voco": ("voco", {"backbone": "unet", "roi_size": [32, 32, 32]}),
+    "spark": ("spark", {}),
 }
 # run ids of a method's bundle that must run before its training ("run"), in order, on the same overrides
 PRE_STEPS = {"pixel_clustering": ("cluster",)}  # pseudo-labels: k-means fitted once, one map per volume
 VIEWS_PER_CROP = 2
-# views per batch entry where not 2: Models Genesis one distorted view (the target is the crop itself),
+# views per batch entry where not 2: Models Genesis and SparK one view (the target is the crop itself),
 # PCRLv2 2 global + 6 local crops, VoCo 4 base + 2 random crops
-VIEWS_PER_SAMPLE = {"models_genesis": 1, "pcrlv2": 8, "voco": 6}
+VIEWS_PER_SAMPLE = {"models_genesis": 1, "pcrlv2": 8, "voco": 6, "spark": 1}
 # pretraining epochs relative to --pretrain-epochs, so every method gets a similar compute budget:
 # global+local contrastive feeds 4 partition crops per volume (4x CAiD's work per epoch)
 # VoCo feeds 4 base crops + 2 random crops per volume (3x CAiD's 2 views)
@@ -64,6 +65,8 @@ FINETUNE = {
     "byol": {"pretrained_prefixes": ["encoder."]},  # encoder only trained (not chosen on validation data)
     "pcrlv2": {"pretrained_prefixes": ["encoder."]},  # skip-free decoder: its shapes differ from the U-Net's
     "voco": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
+    # Models Genesis and SparK restore the volume with the whole U-Net, so encoder + decoder (the default)
+    # transfer; fixed before their test runs by what the pretext trains (2026-12-03), not chosen on validation data
 }
 
 
