@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvol-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-monailabel lint clean
+.PHONY: setup demo test test-fast test-monailabel gpu-check lint dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,23 @@ test-fast: setup
 test-monailabel:
 	scripts/test_monailabel.sh $(PYTEST_ARGS)
 
+# The GPU paths CI cannot run (CUDA + AMP training of every bundle, faiss k-means on the GPU, the multi_gpu_train
+# overlay with NCCL under torchrun): a few minutes on a GPU machine; exit 3 without a CUDA device (nothing run).
+# Needs the GPU builds: make setup TORCH_SPEC=... then pip install -e ".[gpu]" (docs/installation.md).
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py --output gpu_check_output
+
 lint: setup
 	$(BIN)/ruff check medvol tests benchmarks scripts
 	$(BIN)/python scripts/bundle_config_stats.py --check
 
+# The wheel and sdist of medvol-ssl in dist/ (bundles/ and demo_data/ inside, see setup.py). build/ is removed
+# first: setuptools never deletes files left there by an earlier build, and the wheel would ship them.
+dist: setup
+	rm -rf build dist *.egg-info
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist')"
+	rm -rf build *.egg-info
+
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output gpu_check_output .pytest_cache build dist *.egg-info

@@ -2,6 +2,7 @@
 
 Sub-packages (one concept per module):
 
+- :mod:`medvol.bundles`: the shipped MONAI bundles and demo data by name; exporting a bundle folder.
 - :mod:`medvol.io`: datalists, volume readers (NIfTI, MetaImage, NRRD, DICOM series), atomic writers, manifests.
 - :mod:`medvol.transforms`: MONAI-style array/dictionary transforms (N4, presets, SSL views).
 - :mod:`medvol.networks`: encoders with feature taps, heads, momentum encoders, MIL pooling.
@@ -14,7 +15,7 @@ Sub-packages (one concept per module):
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("apps", "cluster", "engines", "errors", "io", "losses", "methods", "networks", "transforms")
+_SUBPACKAGES = ("apps", "bundles", "cluster", "engines", "errors", "io", "losses", "methods", "networks", "transforms")
 
 
 def __getattr__(name: str):

@@ -1,13 +1,16 @@
-"""Size and repetition of the bundle configs (issue "One house"); also the JSON format check of `make lint`.
+r"""Size and repetition of the bundle configs (issue "One house"); also the JSON format check of `make lint`.
 
-Lines are counted in the canonical format (``json.dumps(indent=4, ensure_ascii=False)``, model-zoo's
-``pretty-format-json --indent=4 --no-sort-keys``), so the numbers do not depend on how compactly a file is
+Lines are counted in the canonical format, the one model-zoo's pre-commit hook ``pretty-format-json --autofix
+--no-sort-keys --indent=4`` (pre-commit-hooks) writes: ``json.dumps(indent=4, ensure_ascii=True)`` (the hook
+escapes non-ASCII as ``\uXXXX`` unless given ``--no-ensure-ascii``, which the zoo does not pass), key order
+kept, ``", "``/``": "`` separators, one final newline; so the numbers do not depend on how compactly a file is
 written. ``metadata.json`` is excluded. A top-level entry is *repeated* when the same key with the same value
 appears at the top level of another config file (of any bundle, or another file of the same bundle).
 
     python scripts/bundle_config_stats.py [BUNDLES_DIR] [--check] [--fix]
 
-``--check`` exits 1 when a config file is not in the canonical format; ``--fix`` rewrites those files.
+``--check`` exits 1 when a config file (or ``bundles/*.json``, the schema copy) is not in the canonical format;
+``--fix`` rewrites those files.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 
 def canonical(obj) -> str:
-    return json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
+    """The text model-zoo's ``pretty-format-json --no-sort-keys --indent=4`` accepts for ``obj``."""
+    return json.dumps(obj, indent=4, ensure_ascii=True, separators=(",", ": ")) + "\n"
 
 
 def config_files(bundles: Path, metadata: bool = False) -> list[Path]:
@@ -58,12 +62,13 @@ def main(argv=None) -> int:
     bundles = Path(args.bundles)
     if args.check or args.fix:
         bad = []
-        for f in config_files(bundles, metadata=True):
+        # every JSON file the zoo's hook would see: the configs and metadata, and the shared schema copy
+        for f in sorted(set(config_files(bundles, metadata=True)) | set(bundles.glob("*.json"))):
             text = f.read_text(encoding="utf-8")
             want = canonical(json.loads(text))
             if text != want:
                 if args.fix:
-                    f.write_text(want)
+                    f.write_text(want, encoding="utf-8")
                 else:
                     bad.append(f)
         for f in bad:

@@ -24,12 +24,14 @@ NOTES = {
     "io": "readers, datalists, splits,\nbags, atomic writes, manifests",
     "networks": "UNet3D, SwinUNETR, heads,\nmomentum, MIL pooling",
     "losses": "InfoNCE, MoCo, local,\nrestoration, swapped",
+    "bundles": "shipped bundles by name,\nexport, demo data",
     "transforms": "presets, N4, views,\nslices, writers",
     "engines": "SSL trainer, handlers,\nbatch runner, embedding",
     "cluster": "k-means, Sinkhorn,\npseudo-labels",
     "mil": "bags dataset, MIL\ncross-validation",
     "methods": "CAiD, G+L contrastive, patch/pixel clustering, LeCL",
-    "apps": "medvol CLI: preprocess, embed, demo, monailabel-app",
+    "search": "FAISS similar-case\nindex, id map",
+    "apps": "medvol CLI: preprocess, embed, index, search, demo, monailabel-app",
 }
 
 

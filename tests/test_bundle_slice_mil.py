@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from test_mil_crossval import make_hippocampus_bags
 
 from medvol.mil import CrossValidator
+from medvol.mil.inference import network_factory
 from medvol.networks.mil import ABMIL, PMA
 
 BUNDLE = BUNDLES_DIR / "slice_mil"
@@ -51,7 +52,7 @@ def test_train_config_resolves_to_a_network_factory_and_a_crossvalidator(tmp_pat
     assert train["seed"] == 1337 and train["max_epochs"] == 32 and train["patience"] == 8
     parser = ConfigParser(train)
     parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path)})
-    factory = parser.get_parsed_content("network_def")
+    factory = network_factory(parser.get_parsed_content("network_def"))  # a network; its architecture per fold
     net_a, net_b = factory(in_dim=18, n_outputs=2), factory(in_dim=18, n_outputs=2)
     assert isinstance(net_a, ABMIL) and net_a is not net_b  # a new network on every call
     assert net_a.head[-1].out_features == 2 and net_a.hidden_dim == 256
@@ -60,7 +61,7 @@ def test_train_config_resolves_to_a_network_factory_and_a_crossvalidator(tmp_pat
     assert crossval.lr == 1e-4 and crossval.num_folds == 5 and crossval.standardize_features
     pma = ConfigParser(train)
     pma.update({"mil_pooling": "pma"})
-    assert isinstance(pma.get_parsed_content("network_def")(in_dim=18), PMA)
+    assert isinstance(network_factory(pma.get_parsed_content("network_def"))(in_dim=18), PMA)
     assert train["initialize"][0] == "$medvol.engines.config.install_error_hook()"  # the dialect of every bundle
     # an overlay of train.json
     inference = json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))

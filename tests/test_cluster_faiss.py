@@ -114,7 +114,7 @@ def test_cpu_only_faiss(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", _versions({}))
     assert faiss_gpu_count() == 0
     assert KMeans(3, device="auto").fit(_x()).device_ == "cpu"
-    with pytest.raises(RuntimeError, match=r"CPU-only: pip install 'medvol\[gpu\]' \(adds faiss-gpu"):
+    with pytest.raises(RuntimeError, match=r"CPU-only: pip install 'medvol-ssl\[gpu\]' \(adds faiss-gpu"):
         KMeans(3, device="cuda")
 
 

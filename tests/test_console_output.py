@@ -58,7 +58,8 @@ def test_an_epoch_is_one_line(trained):
     epochs = [line for line in body if " - medvol.engines - INFO - epoch " in line]
     assert len(epochs) == EPOCHS, "\n".join(body)
     for k, line in enumerate(epochs, start=1):
-        assert re.search(rf"epoch {k}/{EPOCHS}: train_loss \d+\.\d{{4}}, val_mean_dice \d\.\d{{4}} "
+        assert re.search(rf"epoch {k}/{EPOCHS}: train_loss \d+\.\d{{4}}, val_mean_dice \d\.\d{{4}}, "
+                         rf"val_dice_anterior \d\.\d{{4}}, val_dice_posterior \d\.\d{{4}} "
                          rf"\(best \d\.\d{{4}} at epoch \d\)(, model saved)?, \d+\.\d s$", line), line
     assert "model saved" in epochs[0] and (out / "models" / "model.pt").is_file()
 

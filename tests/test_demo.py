@@ -49,10 +49,13 @@ def test_demo_fine_tunes_from_scratch_and_from_the_shipped_weights(demo_dir, tmp
     assert "--pretrained_checkpoint" in text and str(DEMO_WEIGHTS) in text  # the equivalent command is shown
 
 
-def test_demo_outside_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
-    import medvol.apps.demo as demo
+def test_demo_without_the_shipped_data_is_one_line(tmp_path, monkeypatch, capsys):
+    """A package that lost its bundles or demo data (installed elsewhere, half deleted) says so on one line."""
+    import medvol.bundles
 
-    monkeypatch.setattr(demo, "_bundles_dir", lambda: tmp_path / "site-packages" / "bundles")
-    assert main(["demo", "--output", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the bundles are not beside the installed package" in err[0]
+    monkeypatch.setattr(medvol.bundles, "PACKAGE_DIR", tmp_path / "site-packages" / "medvol")
+    for data in ([], ["--data", str(DEMO_WEIGHTS.parents[2] / "demo_data")]):
+        assert main(["demo", "--output", str(tmp_path / "out"), *data]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        kind = "bundles" if data else "demo_data"
+        assert len(err) == 1 and f"medvol's {kind} folder is missing" in err[0], err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
+from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import EnsureTyped, SelectItemsd
 
 from medvol.engines import (
@@ -136,6 +137,9 @@ def test_build_trainer_wires_the_standard_handlers(val_items, tmp_path):
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert set(saved) == set(method.backbone.state_dict())  # the backbone, not the whole method
     assert trainer.state.epoch == 2 and trainer.lr_scheduler.last_epoch == 4  # stepped every iteration
+    final = torch.load(tmp_path / "models" / "model_final.pt", weights_only=True)  # the last epoch's backbone
+    for key, value in method.backbone.state_dict().items():
+        torch.testing.assert_close(final[key], value, msg=key)
     validated = trainer.validator is not None and len(trainer.validator.data_loader) > 0
     assert validated == bool(val_items)
     if validated:
@@ -144,6 +148,28 @@ def test_build_trainer_wires_the_standard_handlers(val_items, tmp_path):
     expected = {LrScheduleHandler, MomentumUpdateHandler, QueueUpdateHandler, ResumableCheckpoint, StatsHandler,
                 TensorBoardStatsHandler}
     assert expected <= handler_types and (ValidationHandler in handler_types) == validated
+
+
+def test_build_trainer_lr_schedule_is_monais_warmup_cosine(tmp_path):
+    net = torch.nn.Conv3d(1, 1, 1)
+    dataset = SeededDataset([{"image_v1": torch.zeros(1, 2, 2, 2)}] * 4, deterministic=[], random=[],
+                            keys=["image_v1"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    trainer = build_trainer(net, optimizer, dataset, max_epochs=5, output_dir=tmp_path, iterations_per_epoch=2,
+                            warmup_epochs=1)
+    sched = trainer.lr_scheduler
+    assert isinstance(sched, WarmupCosineSchedule) and (sched.warmup_steps, sched.t_total) == (2, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])  # linear warm-up from 0, then cosine decay
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+    one = build_trainer(net, torch.optim.SGD(net.parameters(), lr=1.0), dataset, max_epochs=1,
+                        output_dir=tmp_path / "one", iterations_per_epoch=1, warmup_epochs=1)
+    assert one.lr_scheduler.warmup_steps == 0  # never only warm-up (MONAI's would train at lr 0)
+    assert one.optimizer.param_groups[0]["lr"] == 1.0
 
 
 def _attached(engine: Engine) -> list:

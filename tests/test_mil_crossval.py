@@ -36,7 +36,7 @@ from medvol.mil import (
     train_fold,
     write_bag,
 )
-from medvol.networks.mil import build_mil_network
+from medvol.networks.mil import ABMIL, build_mil_network
 
 SMALL_NET = {"pooling": "abmil", "hidden_dim": 16, "attention_dim": 8}
 
@@ -419,8 +419,8 @@ def test_crossval_regression_with_groups(hippo, tmp_path):
     assert fold["loss_state"]["std"] == [pytest.approx(np.std(train_y))]
     assert abs(np.mean(p) - np.mean(y)) < 2 * np.std(y)  # outputs are back in millilitres
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["network"]["pooling"] == "pma"
-    with pytest.raises(ConfigError, match="fresh network per fold"):
-        CrossValidator(hippo[0], hippo[1], "large", "binary", out, network_def=build_mil_network(in_dim=18))
+    with pytest.raises(ConfigError, match="fresh network per fold"):  # a network without build_kwargs
+        CrossValidator(hippo[0], hippo[1], "large", "binary", out, network_def=ABMIL(18))
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])

@@ -148,10 +148,11 @@ def test_swin_gradients_and_bad_size(swin):
 
 
 def test_build_backbone_names_and_error():
-    assert set(BACKBONES) == {"unet", "swinunetr"}
+    assert set(BACKBONES) == {"unet", "swinunetr", "models_genesis", "unetr"}
     assert isinstance(build_backbone("UNet", channels=(4, 8)), UNet3D)
     assert isinstance(build_backbone("SwinUNETR", **TINY_SWIN), SwinBackbone)
-    with pytest.raises(ConfigError, match="unknown backbone 'resnet'; valid names: swinunetr, unet"):
+    valid = "models_genesis, swinunetr, unet, unetr"
+    with pytest.raises(ConfigError, match=f"unknown backbone 'resnet'; valid names: {valid}"):
         build_backbone("resnet")
 
 

@@ -87,9 +87,8 @@ def test_partition_crops(volume):
 @pytest.mark.parametrize("branch", ["cutout", "outpaint", "shuffle", "none"])
 def test_caid_distortions(volume, branch):
     weights = {"cutout": (1, 0, 0, 0), "outpaint": (0, 1, 0, 0), "shuffle": (0, 0, 1, 0), "none": (0, 0, 0, 1)}
-    roi = (24, 24, 24)
     x = volume[:, 8:32, 16:40, 12:36].clone() + 0.01  # strictly positive so zeroed voxels are visible
-    t = caid_distortion("v", roi, weights=weights[branch])
+    t = caid_distortion("v", weights=weights[branch])
     t.set_random_state(0)
     y = t({"v": x.clone()})["v"]
     changed = (y != x).float().mean().item()

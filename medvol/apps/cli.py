@@ -174,7 +174,8 @@ def _add_embed(sub):
     )
     p.add_argument("input", type=Path, help="folder, MSD dataset.json or CSV datalist")
     p.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/lecl_slice_embedding")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/lecl_slice_embedding, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="encoder state dict (default: BUNDLE/models/model.pt, else inference.json's ckpt_path)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
@@ -212,9 +213,22 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def _resolve_bundle(bundle: Path) -> Path:
+    """``--bundle`` is a folder, or the name of a shipped bundle (``medvol bundle list``) when no such folder exists."""
+    if bundle.exists() or len(bundle.parts) != 1:
+        return bundle
+    from medvol.bundles import bundle_path
+
+    try:
+        return bundle_path(bundle.name)
+    except ConfigError as e:
+        raise UsageError(f"--bundle {bundle}: no such folder, and {e}") from None
+
+
 def cmd_embed(args) -> int:
     # cheap argument checks first: a wrong path is reported before seconds of torch/MONAI imports
     _check_io_folders(args.input, args.output)
+    args.bundle = _resolve_bundle(args.bundle)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.batch_size < 1:
@@ -264,6 +278,193 @@ def cmd_embed(args) -> int:
     return result.exit_code
 
 
+def _add_index(sub):
+    p = sub.add_parser(
+        "index",
+        help="build (or extend) a similar-case search index over a folder of embeddings",
+        description="Pool every embedding file in EMBEDDINGS (medvol embed bags <case>.h5, or volume embeddings "
+        "<case>.npy of a bundle's inference) to one vector per volume and index them with FAISS in INDEX: exact "
+        "up to --exact-max vectors, IVF, IVF-SQ8 or IVF-PQ above (quantizer trained with medvol's k-means). "
+        "Writes "
+        "INDEX/index.json, the faiss index, the id map INDEX/ids.csv and INDEX/manifest.csv (bad or mismatched "
+        "files failed with the reason). Re-running resumes a killed run and appends new files.",
+        epilog="example: medvol index bags/ index/ --bundle bundles/lecl_slice_embedding "
+        "--checkpoint runs/lecl/models/model.pt",
+    )
+    p.add_argument("embeddings", type=Path, help="folder of .h5 bags and/or .npy volume embeddings")
+    p.add_argument("index", type=Path, help="index folder (created; an existing index is resumed / appended to)")
+    p.add_argument("--metric", choices=("cosine", "l2"), default=None,
+                   help="cosine (default for a new index) or l2; an existing index keeps its own")
+    p.add_argument("--pooling", choices=("mean", "max"), default=None,
+                   help="slice embeddings -> volume vector (default mean; an existing index keeps its own)")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfsq", "ivfpq"), default="auto",
+                   help="index kind (default auto: flat up to --exact-max vectors, then by the size of the raw "
+                   "vectors ivf up to 512 MiB, ivfsq (8-bit) up to 16 GiB, ivfpq above)")
+    p.add_argument("--exact-max", type=int, default=50_000, metavar="N",
+                   help="auto: exact search up to N vectors (default 50000)")
+    p.add_argument("--nlist", type=int, default=None, metavar="L", help="IVF lists (default about sqrt(n))")
+    p.add_argument("--pq-m", type=int, default=None, metavar="M", help="IVF-PQ sub-quantizers (must divide D)")
+    p.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+                   help="recall at 10 the calibrated nprobe must reach (default 0.95)")
+    p.add_argument("--rebuild", action="store_true", help="train the faiss index again on every stored vector")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="bundle the embeddings were made with (recorded, so scans can be queried)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="its checkpoint (default: BUNDLE/models/model.pt, else inference.json's ckpt_path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference.json overrides used for the embeddings (recorded with the bundle); repeatable")
+    p.add_argument("--id-regex", default=None, metavar="RE", help="case id from the file name (first group of RE)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="faiss threads (default: all cores)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="k-means of the IVF quantizer on the GPU when faiss has GPU support (auto, default)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_index)
+
+
+def _embedder(args) -> dict | None:
+    """The bundle/checkpoint/overrides of ``--bundle``, with the checkpoint's sha256 (None without --bundle)."""
+    if args.bundle is None:
+        if args.checkpoint is not None or args.overrides:
+            raise UsageError("--checkpoint and --set need --bundle")
+        return None
+    if not (args.bundle / "configs" / "inference.json").is_file():
+        raise UsageError(f"bundle {args.bundle} does not exist or has no configs/inference.json")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+    from medvol.engines.embedding import default_checkpoint
+    from medvol.io.bags import file_sha256
+
+    overrides = _parse_overrides(args.overrides)
+    checkpoint = args.checkpoint or default_checkpoint(args.bundle, overrides)
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"the bundle has no trained checkpoint ({checkpoint} does not exist): pass --checkpoint FILE")
+    return {"bundle": str(args.bundle.resolve()), "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": file_sha256(checkpoint), "overrides": overrides}
+
+
+def cmd_index(args) -> int:
+    # cheap argument checks first: a wrong path is reported before the faiss / numpy imports
+    if not args.embeddings.is_dir():
+        raise UsageError(f"embeddings folder {args.embeddings} does not exist")
+    if args.index.exists() and not args.index.is_dir():
+        raise UsageError(f"index {args.index} exists and is not a folder")
+    if args.index.resolve() == args.embeddings.resolve():
+        raise UsageError("INDEX must be another folder than EMBEDDINGS")
+    for name in ("exact_max", "nlist", "pq_m", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.target_recall <= 1:
+        raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    embedder = _embedder(args)
+    _prepare_output(args.index)
+    import json
+
+    from medvol.search import IndexOptions, build_index
+
+    existing = args.index / "index.json"
+    meta = {}
+    if existing.is_file():
+        try:
+            meta = json.loads(existing.read_text(encoding="utf-8"))
+        except ValueError:
+            meta = {}
+    options = IndexOptions(metric=args.metric or meta.get("metric", "cosine"),
+                           pooling=args.pooling or meta.get("pooling", "mean"), kind=args.kind,
+                           exact_max=args.exact_max, nlist=args.nlist, pq_m=args.pq_m,
+                           target_recall=args.target_recall, n_threads=args.threads, device=args.device)
+    try:
+        result = build_index(args.embeddings, args.index, options, embedder=embedder, rebuild=args.rebuild,
+                             id_regex=args.id_regex)
+    except (DataError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "faiss" not in str(e) and "cuda" not in str(e):
+            raise
+        raise UsageError(str(e)) from None
+    counts, meta = result.counts, result.meta
+    print(f"{sum(counts.values())} embedding files: {counts['ok']} added, {counts['skipped']} already indexed, "
+          f"{counts['failed']} failed; {meta['n']} vectors ({meta['kind']}, {meta['metric']}, dim {meta['dim']}) "
+          f"in {args.index}; manifest: {result.manifest}")
+    return result.exit_code
+
+
+def _add_search(sub):
+    p = sub.add_parser(
+        "search",
+        help="the indexed cases most similar to a scan, an embedding file or (LoVT index) a text",
+        description="Find the K indexed volumes nearest to QUERY: a scan (embedded on the fly with the bundle and "
+        "checkpoint the index records, or --bundle/--checkpoint), an embedding file (.h5 bag or .npy), or, for an "
+        "index with a text encoder, a text string. Prints rank, distance, id, case and source; --html writes a "
+        "self-contained page with the mid slices and metadata of the query and of each neighbour.",
+        epilog="example: medvol search index/ scans/case7.nii.gz -k 5 --html case7_similar.html",
+    )
+    p.add_argument("index", type=Path, help="index folder written by medvol index")
+    p.add_argument("query", help="scan (file or DICOM folder), embedding file (.h5/.npy) or text")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="P",
+                   help="IVF lists searched (default: the one calibrated at build time)")
+    p.add_argument("--html", type=Path, default=None, metavar="OUT", help="write the results page here")
+    p.add_argument("--keep-self", action="store_true",
+                   help="keep the query's own entry when it is in the index (default: left out)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle to embed a scan query with (default: the index's)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="its checkpoint (default: the index's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference.json overrides for the scan query (default: the index's); repeatable")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="faiss GPU search when available (auto, default); the scan is embedded on the CPU")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="faiss threads")
+    _add_debug(p)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    if not (args.index / "index.json").is_file():
+        raise UsageError(f"{args.index} is not a search index (no index.json): build one with `medvol index`")
+    if args.k < 1:
+        raise UsageError(f"-k must be >= 1, got {args.k}")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UsageError(f"--nprobe must be >= 1, got {args.nprobe}")
+    if args.html is not None and args.html.is_dir():
+        raise UsageError(f"--html {args.html} is a folder; give a file name")
+    if args.bundle is not None and not (args.bundle / "configs" / "inference.json").is_file():
+        raise UsageError(f"bundle {args.bundle} does not exist or has no configs/inference.json")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+    import os as _os
+
+    from medvol.apps.search import resolve_query, write_results_page
+    from medvol.search import SimilarityIndex
+
+    try:
+        index = SimilarityIndex.open(args.index, device=args.device, n_threads=args.threads)
+        query = resolve_query(args.query, index.meta, args.bundle, args.checkpoint,
+                              _parse_overrides(args.overrides) if args.overrides else None)
+        dist, ids = index.search(query.vector, args.k + (0 if args.keep_self else 1), nprobe=args.nprobe)
+    except (DataError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    results, left_out = [], None
+    own = {_os.path.abspath(p) for p in (query.file, query.source) if p}
+    for d, i in zip(dist[0], ids[0]):
+        if i < 0:
+            continue
+        item = index.items[int(i)]
+        if not args.keep_self and own & {_os.path.abspath(p) for p in (item.get("file"), item.get("source")) if p}:
+            left_out = int(i)
+            continue
+        results.append({"rank": len(results) + 1, "distance": float(d), "id": int(i), "item": item})
+    results = results[:args.k]
+    what = "1 - cosine" if index.meta["metric"] == "cosine" else "squared L2"
+    print(f"query: {query.label} -> {len(results)} nearest of {len(index)} ({index.meta['kind']} index, "
+          f"distance {what})" + (f"; the query itself (id {left_out}) left out" if left_out is not None else ""))
+    print(f"{'rank':>4}  {'distance':>9}  {'id':>6}  {'case':<24} source")
+    for r in results:
+        item = r["item"]
+        print(f"{r['rank']:>4}  {r['distance']:>9.4f}  {r['id']:>6}  {item.get('case_id', ''):<24} "
+              f"{item.get('source') or item.get('file', '')}")
+    if args.html is not None:
+        print(f"results page: {write_results_page(args.html, query, results, index.meta)}")
+    return EXIT_OK
+
+
 def _add_monailabel_app(sub):
     p = sub.add_parser(
         "monailabel-app",
@@ -276,7 +477,8 @@ def _add_monailabel_app(sub):
         "--checkpoint runs/seg/models/model.pt --studies /data/studies",
     )
     p.add_argument("app", type=Path, help="app folder to create or update")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder, e.g. bundles/fewshot_segmentation")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="bundle folder, e.g. bundles/fewshot_segmentation, or a shipped bundle's name")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="trained state dict, e.g. runs/seg/models/model.pt (default: BUNDLE/models/model.pt)")
     p.add_argument("--name", default=None, help="model name in MONAI Label (default: the bundle folder's name)")
@@ -293,6 +495,7 @@ def _add_monailabel_app(sub):
 
 
 def cmd_monailabel_app(args) -> int:
+    args.bundle = _resolve_bundle(args.bundle)
     from medvol.apps.monailabel_app import prepare_app
 
     overrides = _parse_overrides(args.overrides)
@@ -307,6 +510,58 @@ def cmd_monailabel_app(args) -> int:
     return EXIT_OK
 
 
+def _add_bundle(sub):
+    p = sub.add_parser("bundle", help="list, locate or export the MONAI bundles shipped with medvol",
+                       description="The bundles shipped with medvol, by name: list them, print one's folder, or "
+                       "export one as a self-contained MONAI bundle folder (configs/, docs/, LICENSE, the zoo "
+                       "files, models/model.pt with --checkpoint) that `python -m monai.bundle run --bundle_root "
+                       "DIR` runs. See docs/bundles.md.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", help="the shipped bundles: name, version, task")
+    _add_debug(ls)
+    path = actions.add_parser("path", help="print the folder of bundle NAME")
+    path.add_argument("name", metavar="NAME", help="a bundle name (see `medvol bundle list`)")
+    _add_debug(path)
+    ex = actions.add_parser("export", help="copy bundle NAME into DIR as a self-contained bundle folder",
+                            epilog="example: medvol bundle export fewshot_segmentation my_bundle "
+                            "--checkpoint runs/seg/models/model.pt")
+    ex.add_argument("name", metavar="NAME", help="a bundle name (see `medvol bundle list`)")
+    ex.add_argument("dir", type=Path, metavar="DIR", help="folder to create (may exist if empty)")
+    ex.add_argument("--checkpoint", type=Path, default=None, metavar="CKPT",
+                    help="trained state dict to ship as DIR/models/model.pt")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    _add_debug(ex)
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args) -> int:
+    import json
+
+    from medvol.bundles import bundle_path, bundles_root, export_bundle, list_bundles
+
+    try:
+        if args.action == "list":
+            for name in list_bundles():
+                meta = json.loads((bundle_path(name) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+                print(f"{name:<26} {meta.get('version', '?'):<8} {meta.get('task', '')}")
+            print(f"({bundles_root()})")
+        elif args.action == "path":
+            print(bundle_path(args.name))
+        else:
+            if args.checkpoint is not None and not args.checkpoint.is_file():
+                raise UsageError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
+            dest = export_bundle(args.name, args.dir, checkpoint=args.checkpoint, force=args.force)
+            weights = " with models/model.pt" if args.checkpoint is not None else ""
+            print(f"bundle {args.name} exported to {dest}{weights}; train it with:")
+            print(f"  python -m monai.bundle run --config_file {dest}/configs/train.json --bundle_root {dest} "
+                  "--dataset_dir DATA")
+            print(f"its other commands: {dest}/docs/README.md (with --bundle_root {dest}"
+                  + (f" --ckpt_path {dest}/models/model.pt)" if args.checkpoint is not None else ")"))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the end-to-end demo on the data shipped with medvol",
                        description="Preprocess the demo scans (MRI with labels, CT, DICOM, NRRD) with QC pictures, "
@@ -314,13 +569,21 @@ def _add_demo(sub):
                        "weights shipped with medvol, 3 seeds each, with Dice and segmentation pictures (a few "
                        "minutes on CPU).")
     p.add_argument("--output", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
-    p.add_argument("--data", type=Path, default=None, help="demo data folder (default: the repository's demo_data)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="demo data folder (default: the one shipped with medvol, see --where)")
     p.add_argument("--no-train", action="store_true", help="only preprocess (skip fine-tuning)")
+    p.add_argument("--where", action="store_true",
+                   help="print the folder of the demo data shipped with medvol (with its licences) and exit")
     _add_debug(p)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    if args.where:
+        from medvol.bundles import demo_data_dir
+
+        print(demo_data_dir())
+        return EXIT_OK
     from medvol.apps.demo import run_demo
 
     return run_demo(args.output, args.data, train=not args.no_train, command=main)
@@ -334,7 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_preprocess(sub)
     _add_embed(sub)
+    _add_index(sub)
+    _add_search(sub)
     _add_monailabel_app(sub)
+    _add_bundle(sub)
     _add_demo(sub)
     return parser
 

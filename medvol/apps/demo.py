@@ -30,12 +30,10 @@ SEEDS = (0, 1, 2)
 
 
 def default_demo_data() -> Path:
-    """The repository's ``demo_data`` folder (medvol is installed from a checkout: ``pip install -e .``)."""
-    return Path(__file__).resolve().parents[2] / "demo_data"
+    """The demo scans shipped with medvol (``medvol/_demo_data`` in a wheel, ``demo_data/`` in a checkout)."""
+    from medvol.bundles import demo_data_dir
 
-
-def _bundles_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "bundles"
+    return demo_data_dir()
 
 
 def _bundle(name: str, overlay: str | None = None, **overrides):
@@ -43,12 +41,15 @@ def _bundle(name: str, overlay: str | None = None, **overrides):
     equivalent command line."""
     from monai.bundle import ConfigWorkflow
 
-    root = _bundles_dir() / name
+    from medvol.bundles import bundle_path
+
+    root = bundle_path(name)
     configs = ["train.json"] + ([overlay] if overlay else [])
     args = " ".join(f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in overrides.items())
-    files = ",".join(f"'bundles/{name}/configs/{c}'" for c in configs)
-    config_arg = f'"[{files}]"' if overlay else f"bundles/{name}/configs/train.json"
-    print(f"  $ python -m monai.bundle run --config_file {config_arg} --bundle_root bundles/{name} {args}", flush=True)
+    files = ",".join(f"'{root / 'configs' / c}'" for c in configs)
+    config_arg = f'"[{files}]"' if overlay else shlex.quote(str(root / "configs" / "train.json"))
+    print(f"  $ python -m monai.bundle run --config_file {config_arg} --bundle_root {shlex.quote(str(root))} {args}",
+          flush=True)
     wf = ConfigWorkflow(config_file=[str(root / "configs" / c) for c in configs],
                         meta_file=str(root / "configs" / "metadata.json"),
                         logging_file=str(root / "configs" / "logging.conf"), workflow_type=None,
@@ -171,12 +172,15 @@ def run_demo(output: Path, data: Path | None = None, train: bool = True, command
     if command is None:
         raise ConfigError("run_demo needs command=medvol.apps.cli.main (run it as `medvol demo`)")
     data = Path(data) if data is not None else default_demo_data()
-    if train and not (_bundles_dir() / "fewshot_segmentation" / "configs" / "train.json").is_file():
-        raise ConfigError(f"the bundles are not beside the installed package ({_bundles_dir()} is missing): "
-                          "`medvol demo` runs from a source checkout (`pip install -e .`); --no-train only "
-                          "preprocesses")
+    if train:
+        from medvol.bundles import bundle_path
+
+        bundle_path("fewshot_segmentation")  # a clear error if the package lost its bundles
+        if not DEMO_WEIGHTS.is_file():
+            raise ConfigError(f"the demo's pretrained weights {DEMO_WEIGHTS} are missing: reinstall medvol")
     if not (data / "hippocampus").is_dir():
-        raise ConfigError(f"demo data not found in {data}: pass --data DEMO_DATA_DIR (the repository's demo_data)")
+        raise ConfigError(f"demo data not found in {data}: pass --data DEMO_DATA_DIR (a copy of the shipped "
+                          "demo_data folder, see `medvol demo --where`)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     worst = _preprocess_all(data, output, command)

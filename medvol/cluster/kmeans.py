@@ -209,7 +209,7 @@ class KMeans:
         if not hasattr(faiss, "StandardGpuResources"):
             raise RuntimeError(
                 f"device='cuda' needs faiss with GPU support, but the installed faiss {faiss.__version__} is "
-                "CPU-only: " + (faiss_gpu_shadowed() or "pip install 'medvol[gpu]' (adds faiss-gpu of the same "
+                "CPU-only: " + (faiss_gpu_shadowed() or "pip install 'medvol-ssl[gpu]' (adds faiss-gpu of the same "
                                 "version as faiss-cpu, see docs/installation.md)") + ", or use device='cpu'"
             )
         if faiss_gpu_count() == 0:

@@ -10,10 +10,10 @@ from medvol.engines.handlers import (
     EpochHookHandler,
     ModelSaver,
     MomentumUpdateHandler,
+    PerClassMetrics,
     QueueUpdateHandler,
     ResumableCheckpoint,
     scalar_outputs,
-    warmup_cosine_schedule,
 )
 from medvol.engines.image_report import image_report_inference
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_ssl_batch, prepare_supervised_batch
@@ -22,6 +22,7 @@ from medvol.engines.workflow import (
     build_inference,
     build_segmentation_evaluator,
     build_trainer,
+    default_checkpoint,
     evaluation_datalist,
     inference_dataset,
     lower_is_better,

@@ -166,7 +166,10 @@ class MetricsReport:
 
     def __call__(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", {}) or {}
+        derived = getattr(engine.state, "derived_metrics", None) or set()
         for name, value in engine.state.metrics.items():
+            if name in derived:  # e.g. val_dice_anterior: already in the val_mean_dice line
+                continue
             line = f"{name} {float(value):.4f}"
             if name in details:
                 scores = torch.as_tensor(details[name], dtype=torch.float64)

@@ -3,9 +3,12 @@
 - :class:`MomentumUpdateHandler`: EMA update of the method's momentum encoders after every optimizer step.
 - :class:`QueueUpdateHandler`: pushes the iteration's keys into the method's MoCo queue.
 - :class:`EpochHookHandler`: tells the method which epoch starts (e.g. global -> local stage switch).
-- :func:`warmup_cosine_schedule`: per-iteration linear warm-up then cosine decay (``LambdaLR``).
 - :class:`ResumableCheckpoint`: everything needed to resume, written atomically every epoch; loaded on start.
-- :class:`ModelSaver`: the network's ``state_dict`` (zoo ``models/model.pt``), on improvement or every epoch.
+- :class:`ModelSaver`: the network's ``state_dict`` (zoo ``models/model.pt``), on improvement, every epoch or at
+  the end of training (``models/model_final.pt``).
+- :class:`PerClassMetrics`: per-class means of a metric's details as metrics of their own (TensorBoard, log).
+
+The learning-rate schedule is MONAI's ``WarmupCosineSchedule`` (see :func:`medvol.engines.build_trainer`).
 
 The queue and momentum handlers are attached to the trainer only: validation never changes method state.
 """
@@ -13,8 +16,8 @@ The queue and momentum handlers are attached to the trainer only: validation nev
 from __future__ import annotations
 
 import logging
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,9 +32,9 @@ __all__ = [
     "MomentumUpdateHandler",
     "QueueUpdateHandler",
     "EpochHookHandler",
-    "warmup_cosine_schedule",
     "ResumableCheckpoint",
     "ModelSaver",
+    "PerClassMetrics",
     "scalar_outputs",
 ]
 
@@ -97,28 +100,14 @@ class EpochHookHandler:
         unwrap_module(engine.network).on_epoch_start(engine.state.epoch)
 
 
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                           min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up for ``warmup_steps`` iterations, then cosine decay to ``min_lr_ratio`` x base LR.
-
-    Step it every iteration (``monai.handlers.LrScheduleHandler(..., epoch_level=False)``).
-    """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 class ModelSaver:
-    """Save ``network.state_dict()`` atomically: when ``metric_name`` improves (attach to the evaluator) or
-    after every epoch when ``metric_name`` is None (attach to the trainer).
+    """Save ``network.state_dict()`` atomically: when ``metric_name`` improves (attach to the evaluator),
+    after every epoch when ``metric_name`` is None (attach to the trainer), or once when the engine completes
+    (``at_end=True``, e.g. ``models/model_final.pt``).
+
+    Not MONAI's ``CheckpointSaver``: its files are written in place (``DiskSaver(atomic=False)``), a "final" one
+    is also written when training fails, and the best one cannot forget its best value when the method's
+    training stage changes (``group_fn``).
 
     Args:
         path: destination (e.g. ``{output_dir}/models/model.pt``, the MONAI zoo convention).
@@ -128,20 +117,23 @@ class ModelSaver:
             "better" test MONAI's workflow uses for its best metric).
         group_fn: optional callable returning the current "group" (e.g. the training stage); when it changes,
             the best value is forgotten, because losses of different stages are not comparable.
+        at_end: save once, when the engine completes (``metric_name`` must be None).
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module, metric_name: str | None = None,
-                 mode: str | None = "min", group_fn=None):
+                 mode: str | None = "min", group_fn=None, at_end: bool = False):
         if mode not in ("min", "max", None):
             raise ValueError(f"mode must be 'min', 'max' or None, got {mode!r}")
+        if at_end and metric_name is not None:
+            raise ValueError("at_end=True saves the last state; it takes no metric_name")
         self.path, self.network, self.metric_name, self.mode = Path(path), network, metric_name, mode
-        self.group_fn = group_fn
+        self.group_fn, self.at_end = group_fn, at_end
         self.best: float | None = None
         self.group = None
         self.saved_epoch: int | None = None  # epoch of the last save (the trainer's epoch line says "model saved")
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED if self.at_end else Events.EPOCH_COMPLETED, self)
 
     def _better(self, value: float, engine: Engine) -> bool:
         if self.best is None:
@@ -182,6 +174,9 @@ class ResumableCheckpoint:
     """Write ``{name: obj.state_dict()}`` plus the trainer state and torch RNG to ``last.pt`` every epoch
     (atomically, rank 0); with ``resume=True`` load it when training starts, so a killed run continues from
     its last finished epoch and ends where an uninterrupted run with the same seed ends.
+
+    Not MONAI's ``CheckpointSaver`` + ``CheckpointLoader``: the saver writes in place (a kill mid-write leaves a
+    truncated file) under epoch-numbered names the loader cannot find by itself, and neither keeps the RNG state.
 
     Attach it after the validation handler so the saved best-model state includes this epoch's validation.
 
@@ -229,3 +224,39 @@ class ResumableCheckpoint:
         if "scaler" in state and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(state["scaler"])
         logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}")
+
+
+class PerClassMetrics:
+    """Put the per-class means of ``metric_name``'s details (``engine.state.metric_details``, e.g. MONAI
+    ``MeanDice`` with ``save_details=True``: one row per volume, one column per class) into ``engine.state.metrics``
+    as ``{prefix}{class_name}``, so ``StatsHandler``/``TensorBoardStatsHandler``/``MetricsSaver`` report them.
+
+    Attach it after the metric (its ``EPOCH_COMPLETED`` handler must have run) and before the handlers that
+    read the metrics. NaN (a class absent from every volume) is left out of the mean, as in ``MeanDice``.
+
+    Args:
+        metric_name: the metric whose details are averaged (e.g. ``"val_mean_dice"``).
+        class_names: a name per column (background excluded); default ``class0``, ``class1``, ...
+        prefix: of the new metric names (e.g. ``"val_dice_"`` gives ``val_dice_anterior``).
+    """
+
+    def __init__(self, metric_name: str, class_names: Sequence[str] | None = None, prefix: str = "val_dice_"):
+        self.metric_name, self.class_names, self.prefix = metric_name, list(class_names or []), prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        details = (getattr(engine.state, "metric_details", None) or {}).get(self.metric_name)
+        if details is None:
+            return
+        scores = torch.as_tensor(details, dtype=torch.float64)
+        if scores.ndim != 2:
+            return
+        names = self.class_names if len(self.class_names) == scores.shape[1] else \
+            [f"class{i}" for i in range(scores.shape[1])]
+        derived = getattr(engine.state, "derived_metrics", None) or set()
+        for name, value in zip(names, scores.nanmean(dim=0).tolist()):
+            engine.state.metrics[f"{self.prefix}{name}"] = value
+            derived.add(f"{self.prefix}{name}")
+        engine.state.derived_metrics = derived  # MetricsReport prints them within the line of their source

@@ -1,11 +1,13 @@
 """The standard bundle workflow, built from a few arguments: trainer, evaluators, inference, device and DDP.
 
 Every medvol bundle trains the same way: a seeded loader over its dataset, a per-iteration linear warm-up + cosine
-learning-rate schedule, the method's own handlers (momentum, queue, epoch hook: ``method.train_handlers()``),
-validation every epoch with the best backbone kept as ``output_dir/models/model.pt`` (every epoch when there is no
-validation), a resumable ``output_dir/checkpoints/last.pt``, console and TensorBoard statistics and a progress
-bar. :func:`build_trainer` assembles that from MONAI's handlers (``LrScheduleHandler``, ``ValidationHandler``,
-``StatsHandler``, ``TensorBoardStatsHandler``) and medvol's (:class:`ModelSaver`, :class:`ResumableCheckpoint`),
+learning-rate schedule (MONAI's ``WarmupCosineSchedule``), the method's own handlers (momentum, queue, epoch hook:
+``method.train_handlers()``), validation every epoch with the best backbone kept as ``output_dir/models/model.pt``
+(every epoch when there is no validation) and the last one as ``output_dir/models/model_final.pt``, a resumable
+``output_dir/checkpoints/last.pt``, console and TensorBoard statistics (training and validation, both by the
+trainer's epoch) and a progress bar. :func:`build_trainer` assembles that from MONAI's handlers
+(``LrScheduleHandler``, ``ValidationHandler``, ``StatsHandler``, ``TensorBoardStatsHandler``) and medvol's
+(:class:`ModelSaver`, :class:`ResumableCheckpoint`),
 so a bundle's ``train.json`` states only what is particular to it: hyper-parameters, network, method, optimizer,
 views. :func:`build_evaluator` (validation losses of a self-supervised method), :func:`build_segmentation_evaluator`
 (Dice, with MONAI's ``MeanDice`` and ``MetricsSaver``) and :func:`build_inference` (an ``inference.json``'s
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.metrics import Average
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -44,8 +46,10 @@ from monai.handlers import (
     from_engine,
 )
 from monai.inferers import Inferer, SimpleInferer
+from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SaveImaged
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from medvol.engines.config import require_file
 from medvol.engines.console import (
@@ -58,7 +62,7 @@ from medvol.engines.console import (
 )
 from medvol.engines.data import make_loader
 from medvol.engines.distributed import prepare_network
-from medvol.engines.handlers import ModelSaver, ResumableCheckpoint, scalar_outputs, warmup_cosine_schedule
+from medvol.engines.handlers import ModelSaver, PerClassMetrics, ResumableCheckpoint, scalar_outputs
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
 from medvol.io import labeled_datalist, load_split
 from medvol.io.datalist import image_datalist
@@ -73,6 +77,7 @@ __all__ = [
     "inference_dataset",
     "segmentation_writer",
     "build_inference",
+    "default_checkpoint",
 ]
 
 logger = logging.getLogger("medvol.engines")
@@ -118,13 +123,17 @@ def build_trainer(
     Without ``loss_function`` it is an :class:`SSLTrainer` of a self-supervised method (``network(batch)``
     returns the losses); with one, MONAI's ``SupervisedTrainer`` (``loss_function(inferer(image, network),
     label)``). Handlers, in this order: ``train_handlers`` (e.g. the ``CheckpointLoader`` MONAI Label inserts);
-    ``LrScheduleHandler`` stepping :func:`warmup_cosine_schedule` every iteration; the method's
-    ``train_handlers()`` (momentum / queue / epoch hooks); a ``ValidationHandler`` running the validator every
-    epoch with a :class:`ModelSaver` on it that keeps the best backbone as ``output_dir/models/model.pt`` (it
-    compares with the validator's own ``metric_cmp_fn``; without validation, or with an empty validation set,
-    the backbone is saved every epoch); :class:`ResumableCheckpoint` (``output_dir/checkpoints/last.pt``, loaded
-    when ``resume``); ``StatsHandler`` (one :class:`EpochSummary` line per epoch, iterations at DEBUG);
-    ``TensorBoardStatsHandler`` (``output_dir/tensorboard``); a :class:`SingleRenderProgressBar`.
+    ``LrScheduleHandler`` stepping MONAI's ``WarmupCosineSchedule`` every iteration (linear warm-up from 0 for
+    ``warmup_epochs``, at most all iterations but one, then cosine decay to 0); the method's ``train_handlers()``
+    (momentum / queue / epoch hooks); a ``ValidationHandler`` running the validator every epoch with a
+    :class:`ModelSaver` on it that keeps the best backbone as ``output_dir/models/model.pt`` (it compares the
+    validator's key metric with the validator's own ``metric_cmp_fn``; without validation, or with an empty
+    validation set, the backbone is saved every epoch); a :class:`ModelSaver` writing the backbone of the last
+    epoch to ``output_dir/models/model_final.pt`` when training completes; :class:`ResumableCheckpoint`
+    (``output_dir/checkpoints/last.pt``, loaded when ``resume``); ``StatsHandler`` (one :class:`EpochSummary`
+    line per epoch with the validation metrics, iterations at DEBUG); ``TensorBoardStatsHandler`` on the trainer
+    and on the validator (``output_dir/tensorboard``, one event file; validation metrics such as
+    ``val_mean_dice`` are written at the trainer's epoch); a :class:`SingleRenderProgressBar`.
 
     The saved backbone is ``network.backbone`` when the network has one (an ``SSLMethod``), else the network.
     The checkpoint stores the unwrapped network as ``"method"`` (self-supervised) or ``"network"``
@@ -163,8 +172,10 @@ def build_trainer(
     loader = make_loader(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers,
                          drop_last=iterations_per_epoch is None and draws > batch_size, num_samples=num_samples)
     steps = int(iterations_per_epoch) if iterations_per_epoch is not None else len(loader)
-    lr_scheduler = warmup_cosine_schedule(optimizer, total_steps=max_epochs * steps,
-                                          warmup_steps=math.floor(warmup_epochs * steps))
+    total_steps = max(1, max_epochs * steps)
+    # at most total - 1 warm-up steps: MONAI's warm-up starts at lr 0, so the cosine part gets at least one step
+    lr_scheduler = WarmupCosineSchedule(optimizer, warmup_steps=min(math.floor(warmup_epochs * steps), total_steps - 1),
+                                        t_total=total_steps)
     if validator is None and val_data is not None:
         val_dataset = dataset.like(val_data)
         validator = build_evaluator(network, val_dataset, device=device, batch_size=batch_size, seed=seed,
@@ -172,6 +183,7 @@ def build_trainer(
                                     amp=amp, channels_last=channels_last)
     model_path = output_dir / "models" / "model.pt"
     model = getattr(module, "backbone", module)
+    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))  # one event file for training and validation
 
     handlers = list(train_handlers or [])
     handlers.append(LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False))
@@ -180,22 +192,23 @@ def build_trainer(
         saver = ModelSaver(model_path, model, metric_name=validator.state.key_metric_name, mode=None,
                            group_fn=getattr(module, "selection_group", None))
         saver.attach(validator)
+        TensorBoardStatsHandler(summary_writer=writer, iteration_log=False,
+                                global_epoch_transform=lambda _: trainer.state.epoch).attach(validator)
         handlers.append(ValidationHandler(validator=validator, interval=1, epoch_level=True))
     else:
         saver = ModelSaver(model_path, model)
         handlers.append(saver)
+    handlers.append(ModelSaver(output_dir / "models" / "model_final.pt", model, at_end=True))
     supervised = loss_function is not None
     handlers.append(ResumableCheckpoint(output_dir / "checkpoints", {
         "network" if supervised else "method": module, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
         "best_model": saver}, resume=resume))
     if supervised:
         loss_of = from_engine(["loss"], first=True)
-        tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train_loss",
-                                              output_transform=loss_of)
+        tensorboard = TensorBoardStatsHandler(summary_writer=writer, tag_name="train_loss", output_transform=loss_of)
     else:
         loss_of = _loss
-        tensorboard = TensorBoardStatsHandler(log_dir=str(output_dir / "tensorboard"), tag_name="train",
-                                              output_transform=scalar_outputs)
+        tensorboard = TensorBoardStatsHandler(summary_writer=writer, tag_name="train", output_transform=scalar_outputs)
     stats = StatsHandler(tag_name="train_loss", epoch_print_logger=EpochSummary(validator, saver),
                          iteration_print_logger=log_iteration_debug)
     handlers += [stats, tensorboard, SingleRenderProgressBar(persist=True)]
@@ -209,6 +222,7 @@ def build_trainer(
     else:
         trainer = SSLTrainer(channels_last=channels_last, **common)
     trainer.validator, trainer.lr_scheduler, trainer.model_saver = validator, lr_scheduler, saver
+    trainer.add_event_handler(Events.COMPLETED, lambda _: writer.flush())
     return quiet_engine_logger(trainer)
 
 
@@ -260,6 +274,8 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
 
     Prediction (argmax) and label are one-hot encoded with ``num_classes`` and Dice is computed per class without
     the background (``include_background=False``; a class absent from the label gives NaN, left out of means).
+    The per-class means are metrics too (:class:`PerClassMetrics`): ``val_dice_<class name>`` (``class_names``;
+    default ``val_dice_class0`` = label 1, ...), so they reach the trainer's log line and TensorBoard.
 
     Args:
         network: the network, on its device.
@@ -273,7 +289,7 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
         metrics_dir: write MONAI ``MetricsSaver`` reports there (``metrics.csv``, ``val_mean_dice_raw.csv``:
             Dice per volume and class, ``val_mean_dice_summary.csv``) and print the result
             (:class:`MetricsReport`).
-        class_names: class names for the printed per-class means.
+        class_names: class names (labels 1, 2, ...) of the per-class metrics and the printed per-class means.
 
     Raises:
         ConfigError: when ``checkpoint`` does not exist.
@@ -283,7 +299,7 @@ def build_segmentation_evaluator(network: nn.Module, dataset, inferer: Inferer, 
     if checkpoint is not None:
         handlers.append(CheckpointLoader(load_path=str(require_file(checkpoint, "ckpt_path")),
                                          load_dict={"model": unwrap_module(network)}, map_location=device))
-    handlers += [*(val_handlers or []), quiet_stats_handler()]
+    handlers += [PerClassMetrics("val_mean_dice", class_names), *(val_handlers or []), quiet_stats_handler()]
     if metrics_dir is not None:
         handlers += [MetricsSaver(save_dir=str(metrics_dir), metrics="*", metric_details="*", summary_ops="*",
                                   batch_transform=_image_meta), MetricsReport(metrics_dir, class_names)]
@@ -319,6 +335,25 @@ def segmentation_writer(preprocessing, output_dir: str | os.PathLike, postfix: s
         SaveImaged("pred", output_dir=str(output_dir), output_postfix=postfix, output_dtype=torch.uint8,
                    resample=False, separate_folder=False, print_log=False),
     ])
+
+
+def default_checkpoint(bundle_root: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """The weights an ``inference.json`` loads when no ``--ckpt_path`` is given.
+
+    A bundle in model-zoo's layout carries its released weights as ``<bundle_root>/models/model.pt``
+    (``medvol bundle export --checkpoint``); that file wins when it exists. Otherwise it is what this bundle's own
+    ``train.json`` wrote, ``<output_dir>/models/model.pt`` (its best epoch; see :class:`ModelSaver`).
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> default_checkpoint(root, root / "runs") == str(root / "runs" / "models" / "model.pt")
+    True
+    >>> (root / "models").mkdir(); (root / "models" / "model.pt").touch()
+    >>> default_checkpoint(root, root / "runs") == str(root / "models" / "model.pt")
+    True
+    """
+    released = Path(bundle_root) / "models" / "model.pt"
+    return str(released if released.is_file() else Path(output_dir) / "models" / "model.pt")
 
 
 def build_inference(network: nn.Module, dataset, postprocessing, checkpoint: str | os.PathLike,

@@ -41,4 +41,4 @@ from medvol.io.readers import (
     volume_suffix,
 )
 from medvol.io.reports import image_report_datalist, join_sentences, report_sentences, split_sentences
-from medvol.io.splits import load_split, select_labeled, split_datalist
+from medvol.io.splits import AUTO_MIN_ITEMS, AUTO_VAL_FRACTION, load_split, select_labeled, split_datalist

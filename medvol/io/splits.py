@@ -3,32 +3,62 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+from monai.data import partition_dataset
 
 from medvol.errors import ConfigError
 
-__all__ = ["split_datalist", "select_labeled", "load_split"]
+__all__ = ["split_datalist", "select_labeled", "load_split", "AUTO_VAL_FRACTION", "AUTO_MIN_ITEMS"]
+
+logger = logging.getLogger(__name__)
 
 
-def split_datalist(datalist: list[dict], val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+#: ``val_fraction="auto"``: hold out this fraction (at least one item) of a datalist with at least
+#: :data:`AUTO_MIN_ITEMS` items; smaller datalists are not split (see :func:`split_datalist`).
+AUTO_VAL_FRACTION = 0.2
+AUTO_MIN_ITEMS = 3
+
+
+def split_datalist(datalist: list[dict], val_fraction: float | str = 0.1, seed: int = 0) -> tuple[list, list]:
     """Deterministic train/validation split by ``seed`` (validation gets at least one item if possible).
 
+    MONAI's ``partition_dataset`` (shuffled with ``seed``) draws the split; both parts keep the datalist's order.
+    medvol only chooses the sizes, so that any ``val_fraction > 0`` holds out at least one item (MONAI rounds
+    0.1 x 4 items to none).
+
+    ``val_fraction="auto"`` (the ``fewshot_segmentation`` default) holds out :data:`AUTO_VAL_FRACTION` (at
+    least one item) when the datalist has at least :data:`AUTO_MIN_ITEMS` items, and nothing below that: with
+    1-2 labeled volumes one cannot be spared for validation, so training uses all of them for its fixed budget
+    of iterations and the last epoch is the model. The choice is logged.
+
     Raises:
-        ConfigError: for ``val_fraction`` outside [0, 1) or an empty datalist.
+        ConfigError: for ``val_fraction`` outside [0, 1) (or a string other than ``"auto"``) or an empty datalist.
     """
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not datalist:
         raise ConfigError("the datalist is empty")
-    order = np.random.default_rng(seed).permutation(len(datalist))
-    n_val = int(round(val_fraction * len(datalist)))
-    if val_fraction > 0 and len(datalist) > 1:
-        n_val = max(1, n_val)
-    val = sorted(order[:n_val].tolist())
-    train = sorted(order[n_val:].tolist())
-    return [datalist[i] for i in train], [datalist[i] for i in val]
+    n = len(datalist)
+    auto = isinstance(val_fraction, str) and val_fraction.strip().lower() == "auto"
+    if auto:
+        val_fraction = AUTO_VAL_FRACTION if n >= AUTO_MIN_ITEMS else 0.0
+    try:
+        val_fraction = float(val_fraction)
+    except (TypeError, ValueError):
+        raise ConfigError(f"val_fraction must be a number in [0, 1) or 'auto', got {val_fraction!r}") from None
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n > 1:
+        n_val = min(max(1, n_val), n - 1)  # at least one item on each side
+    elif n == 1:
+        n_val = 0
+    train, val = partition_dataset(list(range(n)), ratios=[n - n_val, n_val], shuffle=True, seed=seed)
+    if auto:
+        logger.info(f"val_fraction auto: {n - n_val} training, {n_val} validation items" + (
+            "" if n_val else f" (fewer than {AUTO_MIN_ITEMS} items: none held out, the last epoch is the model)"))
+    return [datalist[i] for i in sorted(train)], [datalist[i] for i in sorted(val)]
 
 
 def select_labeled(datalist: list[dict], num_labeled: int | str = "all", seed: int = 0) -> list[dict]:
@@ -51,6 +81,7 @@ def select_labeled(datalist: list[dict], num_labeled: int | str = "all", seed: i
         raise ConfigError(f"num_labeled must be >= 1, got {num_labeled}")
     if num_labeled > len(datalist):
         raise ConfigError(f"num_labeled={num_labeled} but the labeled pool has only {len(datalist)} volumes")
+    # not MONAI's partition_dataset (RandomState shuffle): this draw defines the benchmark's published subsets
     order = np.random.default_rng(seed).permutation(len(datalist))[:num_labeled]
     return [datalist[i] for i in sorted(order.tolist())]
 

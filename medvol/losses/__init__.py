@@ -5,9 +5,14 @@
 - :class:`LocalContrastiveLoss`: Chaitanya et al.'s region-level loss on 2D/3D decoder maps.
 - :class:`GlobalAlignmentLoss` / :class:`LocalIntraSampleLoss`: image-report alignment (LoVT global and local terms;
   ConVIRT and CLIP use the global one).
-- :class:`RestorationLoss`: masked MSE / L1 (context restoration).
+- :class:`RestorationLoss`: masked MSE / L1 (context restoration: CAiD, Models Genesis).
+- :class:`NormalizedMSELoss`: BYOL's ``2 - 2 cos`` between a prediction and a detached target.
+- :class:`MaskedReconstructionLoss`: MSE on masked patches with per-patch normalized targets (MAE, SparK).
 - :class:`LeCLLoss`: MoCo v3 (a :class:`MoCoLoss` with in-batch negatives, times 2T) with CLEAR's lesion-weighted
   denominator.
+- :class:`SiameseCosineLoss`: PCRLv2's (SimSiam-style) predictor vs stop-gradient projection comparison.
+- :class:`VoCoLoss` / :class:`VoCoRegularizationLoss`: VoCo's overlap-proportion prediction and base-crop
+  decorrelation.
 - :class:`SwappedPredictionLoss` / :class:`PixelSwappedCELoss`: volumetric clustering's swapped prediction
   (patch level, SwAV style; pixel level on the ROI-aligned overlap of two views, aligned by
   :mod:`medvol.transforms.geometry`).
@@ -22,10 +27,15 @@ from medvol.losses.image_report import GlobalAlignmentLoss, LocalIntraSampleLoss
 from medvol.losses.infonce import InfoNCELoss
 from medvol.losses.lecl import LeCLLoss
 from medvol.losses.local_contrastive import LocalContrastiveLoss
+from medvol.losses.masked_reconstruction import MaskedReconstructionLoss
 from medvol.losses.moco import MoCoLoss
+from medvol.losses.normalized_mse import NormalizedMSELoss
+from medvol.losses.pcrlv2 import SiameseCosineLoss
 from medvol.losses.restoration import RestorationLoss
 from medvol.losses.swapped_prediction import PixelSwappedCELoss, SwappedPredictionLoss
+from medvol.losses.voco import VoCoLoss, VoCoRegularizationLoss, voco_logits
 
-__all__ = ["GlobalAlignmentLoss", "LocalIntraSampleLoss", "spatial_positive_weights",
-           "InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "MoCoLoss", "RestorationLoss", "PixelSwappedCELoss",
-           "SwappedPredictionLoss"]
+__all__ = ["GlobalAlignmentLoss", "InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "LocalIntraSampleLoss",
+           "MaskedReconstructionLoss", "MoCoLoss", "NormalizedMSELoss", "RestorationLoss", "PixelSwappedCELoss",
+           "SwappedPredictionLoss", "SiameseCosineLoss", "VoCoLoss", "VoCoRegularizationLoss", "spatial_positive_weights",
+           "voco_logits"]

@@ -26,7 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 def network_factory(network_def) -> Callable[..., nn.Module]:
-    """A callable that builds a fresh MIL network per fold from a bundle's ``network_def`` (or ABMIL)."""
+    """A callable that builds a fresh MIL network per fold from a bundle's ``network_def`` (or ABMIL).
+
+    ``network_def`` is a callable ``f(in_dim=, n_outputs=)``, a dict of :func:`build_mil_network` arguments,
+    ``None`` (ABMIL), or a network made by :func:`build_mil_network` (the bundle's ``network_def``): its
+    architecture is rebuilt, with fresh weights and the data's ``in_dim`` / ``n_outputs``, for every fold.
+    """
+    if isinstance(network_def, nn.Module) and isinstance(getattr(network_def, "build_kwargs", None), dict):
+        return functools.partial(build_mil_network, **network_def.build_kwargs)
     if network_def is None:
         return functools.partial(build_mil_network, pooling="abmil")
     if isinstance(network_def, Mapping):
@@ -38,7 +45,8 @@ def network_factory(network_def) -> Callable[..., nn.Module]:
         return functools.partial(func, **kwargs)
     if isinstance(network_def, nn.Module) or not callable(network_def):
         raise ConfigError("network_def must build a fresh network per fold: give a callable (in a bundle config "
-                          "add \"_mode_\": \"callable\") or a dict of build_mil_network arguments, not a network")
+                          "add \"_mode_\": \"callable\"), a dict of build_mil_network arguments or a network "
+                          "made by build_mil_network, not another network")
     return network_def
 
 

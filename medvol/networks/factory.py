@@ -54,21 +54,19 @@ def resolve_norm(norm: str | tuple, channels: int) -> str | tuple:
 class Backbone(nn.Module):
     """Base class of the encoder-decoder backbones (see the module docstring for the contract).
 
-    Subclasses set ``in_channels``, ``out_channels``, ``encoder_channels`` (fine -> coarse),
-    ``decoder_channels`` (coarse -> fine), ``spatial_divisor`` (per spatial dimension) and the sub-modules
-    ``encoder`` (``forward(x) -> list``), ``decoder`` (``forward(features, num_levels) -> list``) and ``head``.
+    Subclasses set ``in_channels``, ``out_channels``, ``spatial_dims`` (ints), ``encoder_channels`` (fine ->
+    coarse), ``decoder_channels`` (coarse -> fine), ``spatial_divisor`` (per spatial dimension; tuples of ints)
+    and the sub-modules ``encoder`` (``forward(x) -> list``), ``decoder`` (``forward(features, num_levels) ->
+    list``) and ``head``.
+
+    ``forward`` and ``encode`` compile with ``torch.jit.script`` (MONAI's ``ckpt_export``; ``encode`` is not
+    exported, so that a backbone MONAI cannot script, e.g. SwinUNETR, can still be traced). The attributes are
+    deliberately not declared as class annotations: TorchScript would read ``encoder: nn.Module`` as the
+    attribute's type and fail. The input check with its readable message runs in eager mode only; a scripted
+    module fails inside the convolutions.
     """
 
-    in_channels: int
-    out_channels: int
-    spatial_dims: int
-    encoder_channels: tuple[int, ...]
-    decoder_channels: tuple[int, ...]
-    spatial_divisor: tuple[int, ...]
-    encoder: nn.Module
-    decoder: nn.Module
-    head: nn.Module
-
+    @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` when ``x`` is not ``(B, in_channels, *spatial)`` with divisible spatial sizes."""
         name = type(self).__name__
@@ -87,7 +85,8 @@ class Backbone(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder feature maps, fine -> coarse; the last one is the bottleneck (``len(encoder_channels)`` maps)."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         return self.encoder(x)
 
     def decode(self, features: Sequence[torch.Tensor], num_levels: int | None = None) -> list[torch.Tensor]:
@@ -116,7 +115,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, out_channels, *spatial)``: the 1x1 ``head`` applied to the last (full-size) decoder map."""
-        return self.head(self.decode(self.encode(x))[-1])
+        return self.head(self.decoder(self.encode(x), len(self.decoder_channels))[-1])
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The ``encoder.*`` entries of ``state_dict()`` (prefix kept, so ``load_pretrained`` accepts it)."""
@@ -141,6 +140,7 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "unet": {"channels": (16, 32, 64, 128), "norm": "instance"},
     "swinunetr": {"feature_size": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)},
+    "unetr": {"feature_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_heads": 6},
 }
 
 
@@ -153,8 +153,9 @@ def build_backbone(name: str = "unet", options: Mapping[str, Mapping[str, Any]] 
     by ``kwargs``.
 
     Args:
-        name: ``"unet"`` (:class:`~medvol.networks.UNet3D`) or ``"swinunetr"``
-            (:class:`~medvol.networks.SwinBackbone`), case-insensitive.
+        name: ``"unet"`` (:class:`~medvol.networks.UNet3D`), ``"swinunetr"``
+            (:class:`~medvol.networks.SwinBackbone`) or ``"unetr"`` (:class:`~medvol.networks.UNETRBackbone`),
+            case-insensitive.
         options: settings keyed by lower-case backbone name; entries of other backbones are ignored.
         kwargs: passed to the backbone's constructor (e.g. ``in_channels``, ``out_channels``).
 

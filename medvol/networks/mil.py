@@ -5,7 +5,8 @@
 - :class:`PMA`: pooling by multihead attention with learned seed vectors (Lee et al., "Set Transformer",
   ICML 2019, https://arxiv.org/abs/1810.00825).
 
-Both take zero-padded bags ``x`` (B, N, D) with a boolean ``mask`` (B, N), True for real instances. Padded
+Both take zero-padded bags ``x`` (B, N, D) (or (B, 1, N, D), MONAI's one-channel layout, which a bundle's
+``verify_net_in_out`` feeds) with a boolean ``mask`` (B, N), True for real instances. Padded
 instances are zeroed after the instance embedding and get exactly zero attention, so a bag gives the same
 output alone or padded inside a batch (CLEAR padded without a mask, letting padding take attention).
 
@@ -84,12 +85,20 @@ class _MILBase(nn.Module):
         self.input_std.copy_(std)
 
     def _prepare(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.ndim != 3 or x.shape[-1] != self.in_dim:
-            raise ValueError(f"x must be (B, N, {self.in_dim}) padded bags, got shape {tuple(x.shape)}")
+        if x.dim() == 4 and x.shape[1] == 1:  # MONAI's (B, C, *spatial) layout: one channel of N x D
+            x = x.squeeze(1)
+        if x.dim() != 3 or x.shape[-1] != self.in_dim:
+            if torch.jit.is_scripting():  # TorchScript has no f-strings of shapes
+                raise ValueError("x must be (B, N, in_dim) padded bags")
+            else:
+                raise ValueError(f"x must be (B, N, {self.in_dim}) padded bags, got shape {tuple(x.shape)}")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         elif mask.shape != x.shape[:2]:
-            raise ValueError(f"mask must be (B, N) = {tuple(x.shape[:2])}, got shape {tuple(mask.shape)}")
+            if torch.jit.is_scripting():
+                raise ValueError("mask must be (B, N)")
+            else:
+                raise ValueError(f"mask must be (B, N) = {tuple(x.shape[:2])}, got shape {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
         if not bool(mask.any(dim=-1).all()):
             raise ValueError("every bag needs at least one instance: mask has a row without any True entry")
@@ -223,6 +232,7 @@ class PMA(_MILBase):
         )  # attended (B, k, H); weights (B, k, N), averaged over heads
         out = self.norm0(seeds + attended)
         out = self.norm1(out + self.rff_out(out))  # (B, k, H)
+        assert weights is not None  # need_weights=True (the assert types it for TorchScript)
         return out.flatten(1), weights.mean(dim=1)  # (B, k*H), (B, N)
 
 
@@ -243,14 +253,20 @@ def build_mil_network(
     """Build a MIL network by pooling name (what bundle configs use: ``"mil_pooling": "abmil" | "pma"``).
 
     Arguments that do not apply to the chosen pooling (``attention_dim``/``gated`` for PMA,
-    ``num_heads``/``num_seeds`` for ABMIL) are ignored.
+    ``num_heads``/``num_seeds`` for ABMIL) are ignored. The network keeps its arguments other than ``in_dim``
+    and ``n_outputs`` as ``build_kwargs``, so :func:`medvol.mil.network_factory` can build fresh networks of
+    the same architecture per fold (a bundle's ``network_def`` is such a network: MONAI's checks need one).
 
     Raises:
         ValueError: for an unknown ``pooling``.
     """
     key = str(pooling).lower()
     if key == "abmil":
-        return ABMIL(in_dim, hidden_dim, attention_dim, n_outputs, dropout, gated)
-    if key == "pma":
-        return PMA(in_dim, hidden_dim, num_heads, num_seeds, n_outputs, dropout)
-    raise ValueError(f"pooling={pooling!r} must be one of {sorted(MIL_POOLINGS)}.")
+        net: ABMIL | PMA = ABMIL(in_dim, hidden_dim, attention_dim, n_outputs, dropout, gated)
+    elif key == "pma":
+        net = PMA(in_dim, hidden_dim, num_heads, num_seeds, n_outputs, dropout)
+    else:
+        raise ValueError(f"pooling={pooling!r} must be one of {sorted(MIL_POOLINGS)}.")
+    net.build_kwargs = {"pooling": key, "hidden_dim": hidden_dim, "dropout": dropout, "attention_dim": attention_dim,
+                        "gated": gated, "num_heads": num_heads, "num_seeds": num_seeds}
+    return net

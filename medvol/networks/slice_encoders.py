@@ -22,6 +22,7 @@ from monai.networks.layers import DropPath
 from monai.networks.nets import ViT
 from monai.networks.nets.resnet import ResNet
 from torch import nn
+from torch.nn import functional as F
 
 from medvol.errors import ConfigError
 
@@ -37,7 +38,9 @@ __all__ = [
 _RESNETS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3])}
 
 
+@torch.jit.unused
 def _check_input(module: nn.Module, x: torch.Tensor, in_channels: int) -> None:
+    """Eager-mode input check (the encoders call it only when not scripted: TorchScript has no ``type()``)."""
     if x.ndim != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{type(module).__name__}: expected (B, {in_channels}, H, W), got {tuple(x.shape)}.")
 
@@ -74,7 +77,8 @@ class ResNetSliceEncoder(nn.Module):
         self.out_dim = features if out_dim is None else int(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.in_channels)
+        if not torch.jit.is_scripting():
+            _check_input(self, x, self.in_channels)
         return self.proj(self.resnet(x))  # MONAI's ResNet pools and flattens when it has no fc: (B, features)
 
 
@@ -148,9 +152,10 @@ class ViTSliceEncoder(nn.Module):
             block.attn.use_flash_attention = bool(fused_attention and dropout_rate == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.in_channels)
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f"ViTSliceEncoder: expected images of size {self.img_size}, got {tuple(x.shape[2:])}.")
+        if not torch.jit.is_scripting():
+            _check_input(self, x, self.in_channels)
+            if tuple(x.shape[2:]) != self.img_size:
+                raise ValueError(f"ViTSliceEncoder: expected images of size {self.img_size}, got {tuple(x.shape[2:])}.")
         tokens = self.vit.patch_embedding(x)  # (B, N, D)
         if self.pool == "cls":
             tokens = torch.cat([self.vit.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + N, D)
@@ -164,7 +169,9 @@ class _LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a ``(B, C, H, W)`` map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # F.layer_norm, not super().forward(): TorchScript cannot compile a call to the parent's forward
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
 
 
 class GatedCNNBlock(nn.Module):
@@ -268,7 +275,8 @@ class GatedCNNSliceEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.in_channels)
+        if not torch.jit.is_scripting():
+            _check_input(self, x, self.in_channels)
         x = self.stem(x)  # (B, dims[0], H/4, W/4)
         for down, stage in zip(self.downsamples, self.stages):
             x = stage(down(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # blocks run channels-last

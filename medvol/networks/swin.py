@@ -14,7 +14,9 @@ three medvol prefixes (names after the prefix are SwinUNETR's own)::
 
 The stage-3 tokens (1/16) are a skip without a conv block, exactly as in ``SwinUNETR.forward``. Weights move
 between the two layouts with :meth:`SwinBackbone.from_swinunetr_state_dict` and
-:meth:`SwinBackbone.to_swinunetr_state_dict` (e.g. for a model-zoo ``swin_unetr`` checkpoint).
+:meth:`SwinBackbone.to_swinunetr_state_dict` (e.g. for a model-zoo ``swin_unetr`` checkpoint); the published
+self-supervised Swin weights (``model_swinvit.pt``) map with :meth:`SwinBackbone.from_swinvit_ssl_state_dict`.
+:func:`medvol.networks.load_pretrained` recognises both layouts by their keys.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ __all__ = ["SwinBackbone"]
 
 _ENCODER = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10")
 _DECODER = ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
+# pretext heads of the published self-supervised Swin checkpoint (Tang et al.) and of research-contributions' SSLHead
+_SSL_HEADS = ("rotation_head.", "contrastive_head.", "convTrans3d.", "rotation_pre.", "contrastive_pre.", "conv.")
 
 
 class _SwinEncoder(nn.Module):
@@ -145,6 +149,38 @@ class SwinBackbone(Backbone):
             elif top == "out":
                 out[f"head.{rest}"] = value
         return out
+
+    @staticmethod
+    def from_swinvit_ssl_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Rename the self-supervised Swin checkpoint of Tang et al. 2022 (MONAI's ``model_swinvit.pt``) to this layout.
+
+        The published file is ``{"state_dict": ...}`` with keys ``module.patch_embed.proj.*``,
+        ``module.layers{1-4}.0.blocks.{b}.{norm1,attn.*,norm2,mlp.fc1,mlp.fc2}.*``,
+        ``module.layers{1-4}.0.downsample.{reduction,norm}.*`` (what ``SwinUNETR.load_from`` reads) and the pretext
+        heads ``module.rotation_head.*``, ``module.contrastive_head.*``, ``module.convTrans3d.*``. Pass the keys
+        without ``module.``; a ``swinViT.``/``swin_vit.`` prefix (research-contributions' ``SSLHead``) is accepted.
+
+        Returns:
+            ``(state, dropped)``: the transformer's weights as ``encoder.swinViT.*`` (``mlp.fc1``/``fc2`` become MONAI's
+            ``mlp.linear1``/``linear2``), and the pretext-head keys, which have no place in this backbone. Any other
+            key is passed through unchanged (``load_pretrained`` reports it as unexpected).
+        """
+        out, dropped = {}, []
+        for key, value in state_dict.items():
+            name = key
+            for prefix in ("swinViT.", "swin_vit."):
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+            if name.startswith(_SSL_HEADS):
+                dropped.append(key)
+            elif name.startswith(("patch_embed.", "layers")):
+                name = name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+                out["encoder.swinViT." + name] = value
+            else:
+                out[key] = value
+        return out, dropped
 
     def to_swinunetr_state_dict(self) -> dict[str, torch.Tensor]:
         """This network's weights with ``monai.networks.nets.SwinUNETR`` key names."""

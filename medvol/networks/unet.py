@@ -105,13 +105,13 @@ class UNetDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor], num_levels: int) -> list[torch.Tensor]:
         x, out = features[-1], []
-        for j in range(num_levels):
-            level = self.levels[j]
-            x = level.up(x)
-            if self.skip:
-                x = torch.cat([x, features[-2 - j]], dim=1)
-            x = level.convs(x)
-            out.append(x)
+        for j, level in enumerate(self.levels):  # TorchScript unrolls a ModuleList loop but cannot index it
+            if j < num_levels:
+                x = level.up(x)
+                if self.skip:
+                    x = torch.cat([x, features[-2 - j]], dim=1)
+                x = level.convs(x)
+                out.append(x)
         return out
 
 

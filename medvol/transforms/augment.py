@@ -5,8 +5,7 @@ Each factory returns a ``Compose`` (or ``OneOf``), so it nests in a config's tra
 - :func:`intensity_augmentation`: the 3D analogue of ColorJitter + blur (scale/shift intensity, gamma,
   Gaussian smoothing and noise), drawn independently for each view.
 - :func:`flip_augmentation`: random flips (left-right only by default: anatomy is not symmetric otherwise).
-- :func:`caid_distortion`: CAiD's context distortions in 3D, one per view: cut-out (holes set to 0),
-  out-painting (everything outside a few boxes set to 0) or local voxel shuffle (Models Genesis), or none.
+- CAiD's and Models Genesis' context distortions: :mod:`medvol.transforms.distortion`.
 - :func:`lecl_view_augmentation`: CLEAR / MoCo v3's asymmetric 2D view augmentation of LeCL's slice views.
 """
 
@@ -20,8 +19,6 @@ from monai.transforms import (
     Identityd,
     OneOf,
     RandAdjustContrastd,
-    RandCoarseDropoutd,
-    RandCoarseShuffled,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -33,7 +30,7 @@ from monai.transforms import (
 
 from medvol.transforms.intensity import RandSolarized
 
-__all__ = ["intensity_augmentation", "flip_augmentation", "caid_distortion", "lecl_view_augmentation"]
+__all__ = ["intensity_augmentation", "flip_augmentation", "lecl_view_augmentation"]
 
 
 def intensity_augmentation(key: str, prob: float = 0.8, strength: float = 0.4, blur_prob: float = 0.5,
@@ -64,35 +61,6 @@ def flip_augmentation(keys, prob: float = 0.5, spatial_axes=(0,)) -> Compose:
     orientation a segmentation of anterior/posterior structures needs. Pass ``(0, 1, 2)`` for all axes.
     """
     return Compose([RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in spatial_axes])
-
-
-def caid_distortion(key: str, roi_size: Sequence[int], weights: Sequence[float] = (0.3, 0.05, 0.3, 0.35),
-                    max_holes: int = 10) -> OneOf:
-    """One CAiD distortion per call for ``key``: cut-out, out-painting, local shuffle or none.
-
-    Sizes follow CAiD's 2D settings scaled to the 3D crop: cut-out boxes 5-30 % of the crop side (CAiD: 10-70
-    px of 224), out-painting keeps 1-3 boxes of 40-80 %, local shuffle permutes voxels inside up to
-    ``max_holes`` blocks of 5-15 %.
-
-    Args:
-        key: the view to distort.
-        roi_size: the view's spatial size.
-        weights: probabilities of (cut-out, out-painting, local shuffle, none); CAiD uses 0.3, 0.05, 0.3.
-        max_holes: largest number of cut-out boxes / shuffled blocks.
-    """
-    if len(weights) != 4 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"weights must be 4 non-negative numbers (cutout, outpaint, shuffle, none), got {weights}")
-
-    def frac(f):
-        return tuple(max(1, int(round(f * s))) for s in roi_size)
-
-    cutout = RandCoarseDropoutd(key, holes=1, max_holes=max_holes, spatial_size=frac(0.05),
-                                max_spatial_size=frac(0.3), fill_value=0.0, prob=1.0)
-    outpaint = RandCoarseDropoutd(key, holes=1, max_holes=3, spatial_size=frac(0.4), max_spatial_size=frac(0.8),
-                                  dropout_holes=False, fill_value=0.0, prob=1.0)
-    shuffle = RandCoarseShuffled(key, holes=1, max_holes=max_holes, spatial_size=frac(0.05),
-                                 max_spatial_size=frac(0.15), prob=1.0)
-    return OneOf([cutout, outpaint, shuffle, Identityd(key)], weights=list(weights))
 
 
 def lecl_view_augmentation(keys: Sequence[str] = ("image_v1", "image_v2"), asymmetric: bool = True,
