@@ -69,8 +69,15 @@ BUNDLES: dict[str, dict] = {
     "mae": {"backbone_options": {"unetr": {"img_size": "@roi_size", "hidden_size": 24, "mlp_dim": 48, "num_heads": 2,
                                            "feature_size": 4}}, "pad_size": [32, 48, 32], "roi_size": [32, 32, 32],
             "method#decoder_dim": 12, "method#decoder_heads": 2},
+    # 3D image-report alignment on the demo volumes with header sentences (configs/volume.json), scratch text
+    "lovt": {"volume_size": [32, 32, 32], "proj_dim": 16, "text_encoder": "scratch",
+             "text_options": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+             "backbone_options": {"unet": {"channels": [8, 16, 32], "num_convs": 1}}},
 }
 PRE_STEPS = {"pixel_clustering": ["cluster"]}
+# overlays merged after train.json, and the prepared data the bundle reads (default "labeled")
+OVERLAYS = {"lovt": ["volume.json"]}
+DATA_KEY = {"lovt": "reports"}
 
 
 @dataclass
@@ -121,7 +128,9 @@ def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
 
 
 def prepare_data(root: Path, n: int = 4) -> dict[str, Path]:
-    """A few labeled demo volumes (MSD layout) and, for slice_mil, random slice-feature bags with a targets.csv."""
+    """A few labeled demo volumes (MSD layout); for slice_mil, random slice-feature bags with a targets.csv; for
+    lovt, a table pairing the volumes with sentences built from their headers (plumbing, not reports)."""
+    import nibabel as nib
     import numpy as np
 
     from medvol.mil import write_bag
@@ -142,7 +151,11 @@ def prepare_data(root: Path, n: int = 4) -> dict[str, Path]:
                       f"{case}.nii.gz", (1.0, 1.0, 1.0), "0" * 64, 2)
         rows.append(f"{case},{'yes' if i % 2 else 'no'}")
     (root / "targets.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return {"labeled": labeled, "bags": bags, "targets": root / "targets.csv"}
+    reports = [{"image": str(f), "subject": f.name,
+                "report": f"MRI {f.name}. Its grid is {' by '.join(map(str, nib.load(f).shape))} voxels."}
+               for f in sorted((labeled / "imagesTr").glob("*.nii.gz"))]
+    (root / "reports.json").write_text(json.dumps(reports), encoding="utf-8")
+    return {"labeled": labeled, "bags": bags, "targets": root / "targets.csv", "reports": root / "reports.json"}
 
 
 # ---- checks -------------------------------------------------------------------------------------------------
@@ -155,14 +168,15 @@ def check_bundle(bundle: str, device: str, data: dict[str, Path], out: Path, tim
     if bundle == "slice_mil":
         overrides.update({"dataset_dir": str(data["bags"]), "targets_csv": str(data["targets"])})
     else:
-        overrides.update({"dataset_dir": str(data["labeled"]), "batch_size": 2, "amp": device != "cpu",
+        overrides.update({"dataset_dir": str(data[DATA_KEY.get(bundle, "labeled")]), "batch_size": 2,
+                          "amp": device != "cpu",
                           "num_workers": 0})
         if bundle != "fewshot_segmentation":
             overrides["val_fraction"] = 0.25
     if bundle == "pixel_clustering":
         overrides["kmeans_device"] = "cuda" if device != "cpu" else "cpu"
-    base = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{bundle}/configs/train.json",
-            "--bundle_root", f"bundles/{bundle}"]
+    configs = json.dumps([f"bundles/{bundle}/configs/{c}" for c in ["train.json", *OVERLAYS.get(bundle, [])]])
+    base = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", f"bundles/{bundle}"]
     t0 = time.perf_counter()
     for run_id in [*PRE_STEPS.get(bundle, []), "run"]:
         rc, tail = _run([*base, "--run_id", run_id, *_cli_args(overrides)], out / "logs" / f"{bundle}.{run_id}.log",

@@ -42,13 +42,16 @@ NETWORK_CONFIG = {
     "voco": "train.json",
     "spark": "train.json",
     "mae": "train.json",
+    "lovt": "train.json",
 }
 BUNDLES = sorted(NETWORK_CONFIG)
 # bundles whose inference loads one models/model.pt (slice_mil's loads the k fold models of a cross-validation)
 WITH_WEIGHTS = [b for b in BUNDLES if b != "slice_mil"]
 # SwinUNETR does not compile with torch.jit.script (MONAI's own Swin bundles are not scripted either): these
-# bundles export by tracing (`ckpt_export ... --use_trace True --input_shape ...`), at the metadata's smallest input
-TRACED = {"swinunetr_ssl", "voco"}
+# bundles export by tracing (`ckpt_export ... --use_trace True --input_shape ...`), at the metadata's smallest input.
+# LoVT's network_def is the image-report model whose forward(image) is the image path (the text encoder, a
+# transformers model, does not script); tracing exports that image path
+TRACED = {"swinunetr_ssl", "voco", "lovt"}
 
 
 def test_every_bundle_is_checked():
@@ -160,6 +163,8 @@ def _real_input(bundle: str) -> torch.Tensor:
         rows = torch.nn.functional.adaptive_avg_pool2d(vol.permute(2, 0, 1)[:, None], (12, 24)).flatten(1)
         return rows[None, None]  # (B, 1, N, D)
     spec = _io(bundle)[0]["spatial_shape"]
+    if len(spec) == 2:  # a 2D network (LoVT's radiograph encoder): the middle axial slice
+        vol = vol[:, :, vol.shape[2] // 2]
     if all(isinstance(s, int) for s in spec):  # a fixed input (MAE's ViT: learned position embeddings)
         vol = vol[tuple(slice(0, min(s, t)) for s, t in zip(vol.shape, spec))]
         size = list(spec)

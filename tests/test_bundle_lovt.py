@@ -55,3 +55,108 @@ def test_convirt_overlay_trains_global_only(cxr_table, tmp_path):
     method = wf.parser.get_parsed_content("method")
     assert method.lambda_local == 0 and not method.model.has_local and method.sentence_sampling == "random"
     assert (out / "models" / "model.pt").is_file()
+
+
+
+def _header_report(path, shape) -> str:
+    return (f"Hippocampus MRI {path.name}. The volume has {shape[0]} by {shape[1]} by {shape[2]} voxels. "
+            "Mean spacing is one millimetre.")
+
+
+@pytest.fixture
+def volume_table(tmp_path):
+    """Four demo hippocampus MRIs with one short text each, built from the file header (a plumbing test of the
+    3D path, not a result): the reports differ only in their numbers."""
+    import nibabel as nib
+    from conftest import DEMO_DIR
+
+    rows = []
+    for path in sorted((DEMO_DIR / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:4]:
+        rows.append({"image": str(path), "subject": path.name, "report": _header_report(path, nib.load(path).shape)})
+    table = tmp_path / "volumes.json"
+    table.write_text(json.dumps(rows), encoding="utf-8")
+    return table
+
+
+@pytest.fixture
+def slice_table(tmp_path):
+    """The middle axial slice of four demo MRIs as 8-bit PNGs with the same header texts (2D plumbing, no result)."""
+    import nibabel as nib
+    import numpy as np
+    from conftest import DEMO_DIR
+    from PIL import Image
+
+    rows = []
+    for path in sorted((DEMO_DIR / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:4]:
+        vol = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        sl = vol[..., vol.shape[2] // 2]
+        png = tmp_path / (path.name.split(".")[0] + ".png")
+        Image.fromarray((255 * (sl - sl.min()) / max(float(np.ptp(sl)), 1e-6)).astype(np.uint8)).save(png)
+        rows.append({"image": png.name, "subject": path.name, "report": _header_report(path, vol.shape)})
+    table = tmp_path / "slices.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "subject", "report"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+TINY_3D = {**TINY, "volume_size": [32, 32, 32], "val_fraction": 0.25, "batch_size": 2}
+# (MONAI workflow type, configs merged in order, data): train.json and every overlay on it. The inference overlay
+# runs no MONAI evaluator (it writes embeddings and attention pictures, medvol.engines.image_report), so it is
+# resolved as a plain workflow (type None), as slice_mil's
+WORKFLOWS = [("train", ["train.json"], "slices"), (None, ["train.json", "inference.json"], "slices"),
+             ("train", ["train.json", "convirt.json"], "slices"), ("train", ["train.json", "clip.json"], "slices"),
+             ("train", ["train.json", "volume.json"], "volumes"),
+             (None, ["train.json", "volume.json", "inference.json"], "volumes")]
+
+
+@pytest.mark.parametrize("workflow_type,files,data", WORKFLOWS,
+                         ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
+def test_lovt_monai_bundle_properties(workflow_type, files, data, slice_table, volume_table, tmp_path):
+    """MONAI's ``check_properties`` on every train workflow and the inference overlay, resolved on demo data."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    from medvol.bundles import bundle_path
+
+    overrides = {**(TINY_3D if data == "volumes" else TINY), "output_dir": str(tmp_path / "out"),
+                 "dataset_dir": str(volume_table if data == "volumes" else slice_table)}
+    root = bundle_path("lovt")
+    wf = ConfigWorkflow(config_file=[str(root / "configs" / f) for f in files], workflow_type=workflow_type,
+                        meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root), **overrides)
+    wf.initialize()
+    if workflow_type is None:  # inference: the checkpoint it loads, then every id of the overlay resolves
+        (tmp_path / "out" / "models").mkdir(parents=True)
+        torch.save(wf.parser.get_parsed_content("network_def").state_dict(), tmp_path / "out" / "models" / "model.pt")
+        assert len(wf.parser.get_parsed_content("datalist")) == 4
+        assert wf.parser.get_parsed_content("ckpt_path").endswith("out/models/model.pt")
+        return
+    assert wf.check_properties() == []
+    assert wf.parser.get_parsed_content("train#trainer").state.max_epochs == 1
+
+
+@pytest.mark.slow
+def test_lovt_trains_on_a_folder_free_table_without_shared_data(slice_table, tmp_path):
+    """The 2D bundle end to end on demo slices (no MEDVOL_DATA): the image paths are relative to the table."""
+    out = tmp_path / "run2d"
+    run_bundle("lovt", "train.json", **TINY, dataset_dir=str(slice_table), output_dir=str(out))
+    assert (out / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_lovt_volume_overlay_trains_and_embeds_3d(volume_table, tmp_path):
+    """The 3D path end to end from the bundle: 3D U-Net tokens as regions, then HDF5 embeddings and attention."""
+    import h5py
+    import torch
+
+    out = tmp_path / "run3d"
+    overrides = {**TINY_3D, "dataset_dir": str(volume_table), "output_dir": str(out)}
+    wf = run_bundle("lovt", ["train.json", "volume.json"], **overrides)
+    assert wf.parser.get_parsed_content("spatial_dims") == 3
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert [v.ndim for k, v in state.items() if k.startswith("image.") and k.endswith("conv.weight")][0] == 5
+    run_bundle("lovt", ["train.json", "volume.json", "inference.json"], **overrides)
+    with h5py.File(out / "inference" / "embeddings.h5", "r") as f:
+        assert f["image"].shape == (4, 16) and f["report"].shape == (4, 16) and f["sentence"].shape == (12, 16)
+    assert len(list((out / "inference" / "attention").glob("*.png"))) == 4

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 SSL_BUNDLES = ["caid", "global_local_contrastive"]
 # the U-Net bundles; the structure tests below cover all of them
 ALL_BUNDLES = [*SSL_BUNDLES, "fewshot_segmentation", "patch_clustering", "pixel_clustering", "simclr", "byol",
-               "models_genesis", "spark", "mae"]
+               "models_genesis", "spark", "mae", "lovt"]
 SCHEMA = BUNDLES_DIR / "meta_schema.json"
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
 # configs MONAI Label reads alone (BundleInferTask parses configs/inference.json by itself): not overlays

@@ -37,5 +37,5 @@ from medvol.losses.voco import VoCoLoss, VoCoRegularizationLoss, voco_logits
 
 __all__ = ["GlobalAlignmentLoss", "InfoNCELoss", "LeCLLoss", "LocalContrastiveLoss", "LocalIntraSampleLoss",
            "MaskedReconstructionLoss", "MoCoLoss", "NormalizedMSELoss", "RestorationLoss", "PixelSwappedCELoss",
-           "SwappedPredictionLoss", "SiameseCosineLoss", "VoCoLoss", "VoCoRegularizationLoss", "spatial_positive_weights",
-           "voco_logits"]
+           "SwappedPredictionLoss", "SiameseCosineLoss", "VoCoLoss", "VoCoRegularizationLoss",
+           "spatial_positive_weights", "voco_logits"]
