@@ -64,11 +64,12 @@ def bundle_cli(args: list[str], timeout: int = 300, env=None) -> subprocess.Comp
                           timeout=timeout, cwd=REPO_ROOT, env=env)
 
 
-def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node NPROC -m monai.bundle run`` of train.json + multi_gpu_train.json (gloo on CPU),
-    with ``--key value`` overrides (JSON for non-strings), 1 OpenMP thread per process."""
+def bundle_ddp(bundle: str, overrides: dict, nproc: int = 2, timeout: int = 600,
+               overlays: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m monai.bundle run`` of train.json (+ ``overlays``) + multi_gpu_train.json
+    (gloo on CPU), with ``--key value`` overrides (JSON for non-strings), 1 OpenMP thread per process."""
     configs = f"bundles/{bundle}/configs"
-    args = ["--config_file", overlay(bundle, "multi_gpu_train.json"),
+    args = ["--config_file", overlay(bundle, *overlays, "multi_gpu_train.json"),
             "--bundle_root", f"bundles/{bundle}", "--logging_file", f"{configs}/logging.conf"]
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]

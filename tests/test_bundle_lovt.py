@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_bundle
+from conftest import bundle_ddp, run_bundle
 
 TINY = {"image_size": 64, "proj_dim": 16, "batch_size": 4, "max_epochs": 1, "val_fraction": 0.25,
         "text_encoder": "scratch", "text_options": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
@@ -160,3 +160,18 @@ def test_lovt_volume_overlay_trains_and_embeds_3d(volume_table, tmp_path):
     with h5py.File(out / "inference" / "embeddings.h5", "r") as f:
         assert f["image"].shape == (4, 16) and f["report"].shape == (4, 16) and f["sentence"].shape == (12, 16)
     assert len(list((out / "inference" / "attention").glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_lovt_ddp_with_two_cpu_processes(volume_table, tmp_path):
+    """The 3D overlay under torchrun (gloo, 2 processes) by the shared multi_gpu_train.json."""
+    import torch
+
+    out = tmp_path / "ddp"
+    # batch 2 per process: the projection heads' BatchNorm (and in-batch negatives) need at least 2 items
+    overrides = {**TINY_3D, "dataset_dir": str(volume_table), "output_dir": str(out), "batch_size": 2}
+    overrides.pop("device")
+    proc = bundle_ddp("lovt", overrides, overlays=("volume.json",))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (out / "models" / "model.pt").is_file() and not any(k.startswith("module.") for k in state["method"])

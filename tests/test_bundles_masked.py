@@ -75,6 +75,17 @@ def test_mae_bundle_trains_embeds_and_transfers(hippo, tmp_path):
 
 
 @pytest.mark.slow
+def test_mae_ddp_with_two_cpu_processes(hippo, tmp_path):
+    """MAE (ViT encoder, light decoder) by the same multi_gpu_train.json overlay as every other bundle."""
+    out = tmp_path / "ddp"
+    proc = bundle_ddp("mae", {"dataset_dir": str(hippo / "imagesTr"), "output_dir": str(out), "max_epochs": 1,
+                              "batch_size": 1, "val_fraction": 0.25, **MAE_TINY})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (out / "models" / "model.pt").is_file() and not any(k.startswith("module.") for k in state["method"])
+
+
+@pytest.mark.slow
 def test_spark_ddp_with_two_cpu_processes(hippo, tmp_path):
     """SparK declares that every parameter gets a gradient (find_unused_parameters=False): DDP must agree."""
     out = tmp_path / "ddp"

@@ -81,7 +81,7 @@ def test_bundle_trains_and_fewshot_loads_its_checkpoint(bundle, hippo, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", ["pcrlv2", "swinunetr_ssl"])
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_ddp_with_two_cpu_processes(bundle, hippo, tmp_path):
     proc = bundle_ddp(bundle, _overrides(bundle, hippo, tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]

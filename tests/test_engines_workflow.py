@@ -25,6 +25,7 @@ from medvol.engines import (
     lower_is_better,
     prepare_network,
 )
+from medvol.errors import ConfigError
 from medvol.methods import CAiD, GlobalLocalContrastive, LeCL, SSLMethod
 from medvol.networks import UNet3D, build_backbone, build_slice_encoder
 
@@ -148,6 +149,25 @@ def test_build_trainer_wires_the_standard_handlers(val_items, tmp_path):
     expected = {LrScheduleHandler, MomentumUpdateHandler, QueueUpdateHandler, ResumableCheckpoint, StatsHandler,
                 TensorBoardStatsHandler}
     assert expected <= handler_types and (ValidationHandler in handler_types) == validated
+
+
+def test_build_trainer_keeps_a_batch_per_process_under_ddp(monkeypatch, tmp_path):
+    """3 items over 2 processes at batch 2: each shard (padded to 2) is one batch. Dropping the tail by the global
+    count (3 > 2) left every process an empty loader, and training ended at once with nothing saved."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    net = torch.nn.Conv3d(1, 1, 1)
+    dataset = SeededDataset([{"image_v1": torch.zeros(1, 2, 2, 2)}] * 3, deterministic=[], random=[],
+                            keys=["image_v1"])
+    trainer = build_trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), dataset, max_epochs=1,
+                            output_dir=tmp_path, batch_size=2)
+    assert len(trainer.data_loader) == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    empty = SeededDataset([], deterministic=[], random=[], keys=["image_v1"])
+    with pytest.raises(ConfigError, match="no batch: 0 training items over 1 process"):
+        build_trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), empty, max_epochs=1,
+                      output_dir=tmp_path / "empty", batch_size=2)
 
 
 def test_build_trainer_lr_schedule_is_monais_warmup_cosine(tmp_path):

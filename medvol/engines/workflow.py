@@ -64,6 +64,7 @@ from medvol.engines.data import make_loader
 from medvol.engines.distributed import prepare_network
 from medvol.engines.handlers import ModelSaver, PerClassMetrics, ResumableCheckpoint, scalar_outputs
 from medvol.engines.trainer import SSLEvaluator, SSLTrainer, prepare_supervised_batch
+from medvol.errors import ConfigError
 from medvol.io import labeled_datalist, load_split
 from medvol.io.datalist import image_datalist
 from medvol.networks.momentum import unwrap_module
@@ -169,8 +170,15 @@ def build_trainer(
     num_samples = int(iterations_per_epoch) * int(batch_size) if iterations_per_epoch is not None else \
         (None if per_volume == 1 else len(dataset) * per_volume)
     draws = len(dataset) if num_samples is None else num_samples
+    # the tail batch is dropped only when this process's shard holds more than one batch: under DDP each process
+    # draws ceil(draws / world) items, and dropping at the global count left small shards with no batch at all
+    world = int(os.environ.get("WORLD_SIZE", 1))
     loader = make_loader(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                         drop_last=iterations_per_epoch is None and draws > batch_size, num_samples=num_samples)
+                         drop_last=iterations_per_epoch is None and math.ceil(draws / world) > batch_size,
+                         num_samples=num_samples)
+    if len(loader) == 0:
+        raise ConfigError(f"the training data give no batch: {len(dataset)} training items over {world} "
+                          f"process(es) with batch_size {batch_size}; add data or lower val_fraction")
     steps = int(iterations_per_epoch) if iterations_per_epoch is not None else len(loader)
     total_steps = max(1, max_epochs * steps)
     # at most total - 1 warm-up steps: MONAI's warm-up starts at lr 0, so the cosine part gets at least one step
