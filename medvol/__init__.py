@@ -10,12 +10,16 @@ Sub-packages (one concept per module):
 - :mod:`medvol.cluster`: FAISS k-means and Sinkhorn-Knopp.
 - :mod:`medvol.methods`: the pretext tasks, each assembled from the parts above.
 - :mod:`medvol.engines`: the self-supervised trainer and its handlers (monai.engines / ignite).
+- :mod:`medvol.mil`: bags of slice embeddings, patient-level targets and cross-validation.
+- :mod:`medvol.search`: similar-case search (pooled vectors, the FAISS index).
+- :mod:`medvol.evaluation`: frozen-embedding probes (k-NN, linear) and the voxel baseline.
 - :mod:`medvol.apps`: the ``medvol`` command line.
 """
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("apps", "bundles", "cluster", "engines", "errors", "io", "losses", "methods", "networks", "transforms")
+_SUBPACKAGES = ("apps", "bundles", "cluster", "engines", "errors", "evaluation", "io", "losses", "methods", "mil",
+                "networks", "search", "transforms")
 
 
 def __getattr__(name: str):

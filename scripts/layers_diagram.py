@@ -29,9 +29,10 @@ NOTES = {
     "engines": "SSL trainer, handlers,\nbatch runner, embedding",
     "cluster": "k-means, Sinkhorn,\npseudo-labels",
     "mil": "bags dataset, MIL\ncross-validation",
-    "methods": "CAiD, G+L contrastive, patch/pixel clustering, LeCL",
+    "methods": "14 pretext tasks: contrastive,\nclustering, restoration, masked, LoVT",
     "search": "FAISS similar-case\nindex, id map",
-    "apps": "medvol CLI: preprocess, embed, index, search, demo, monailabel-app",
+    "evaluation": "k-NN / linear probes,\nvoxel baseline",
+    "apps": "medvol CLI: preprocess, embed, index, search, probe, bundle, demo, monailabel-app",
 }
 
 

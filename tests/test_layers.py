@@ -3,7 +3,8 @@
 Every ``import`` / ``from ... import`` of ``medvol`` in every module counts, also those inside functions (a lazy
 import is still a dependency). Floors, bottom to top:
 
-    errors -> io, networks, losses, bundles -> transforms, engines, cluster, mil -> methods, search -> apps
+    errors -> io, networks, losses, bundles -> transforms, engines, cluster, mil -> methods, search, evaluation
+    -> apps
 
 ``medvol/__main__.py`` (the ``python -m medvol`` entry point) may import apps; ``medvol/__init__.py`` imports
 nothing (sub-packages load lazily by name).
@@ -20,7 +21,7 @@ FLOORS = {
     "errors": 0,
     "io": 1, "networks": 1, "losses": 1, "bundles": 1,
     "transforms": 2, "engines": 2, "cluster": 2, "mil": 2,
-    "methods": 3, "search": 3,
+    "methods": 3, "search": 3, "evaluation": 3,
     "apps": 4,
 }
 

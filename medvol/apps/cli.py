@@ -465,6 +465,64 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
+def _add_probe(sub):
+    p = sub.add_parser(
+        "probe",
+        help="k-NN and linear probes of frozen volume embeddings (or downsampled voxels) against a targets CSV",
+        description="Read one embedding per volume from INPUT (.h5 bags of 'medvol embed', pooled; .npy files of "
+        "the 3D bundles' inference.json) or, with --voxels, downsample every volume of INPUT to SIZE^3 voxels; "
+        "match them to the rows of --targets by case id; cross-validate a k-NN (cosine) and a linear probe "
+        "(logistic / ridge regression) with outer folds for testing and inner folds choosing k, C or alpha (and "
+        "the PCA size with --voxels), grouped by --group-column so that no subject is in train and test. Writes "
+        "OUTPUT/probe.json (every fold) and OUTPUT/probe.md (the printed table).",
+        epilog="example: medvol probe runs/caid/embeddings out/probe_sex --targets ixi.csv --target sex "
+        "--group-column subject   |   baseline: medvol probe ixi_t1/ out/pca_sex --voxels --targets ixi.csv "
+        "--target sex",
+    )
+    p.add_argument("input", type=Path, help="folder of embedding files (or of volumes with --voxels)")
+    p.add_argument("output", type=Path, help="output folder (probe.json, probe.md)")
+    p.add_argument("--targets", type=Path, required=True, help="CSV with one row per case")
+    p.add_argument("--target", required=True, help="the column to predict")
+    p.add_argument("--task", choices=("auto", "binary", "multiclass", "regression"), default="auto",
+                   help="auto (default): binary for 2 values, regression for >10 distinct numbers, else multiclass")
+    p.add_argument("--id-column", default="id", help="case id column, matched to the file names (default id)")
+    p.add_argument("--group-column", default=None, help="subject column: its groups never straddle folds")
+    p.add_argument("--id-regex", default=None, help="extract the case id from file names (first group)")
+    p.add_argument("--voxels", action="store_true", help="INPUT holds volumes: probe downsampled voxels + PCA")
+    p.add_argument("--size", type=int, default=16, help="--voxels grid size per axis (default 16)")
+    p.add_argument("--pooling", choices=("mean", "max"), default="mean", help="pooling of a bag's slice rows")
+    p.add_argument("--probes", nargs="+", default=["knn", "linear"], help="knn and/or linear (default both)")
+    p.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
+    p.add_argument("--inner-folds", type=int, default=3, help="inner folds choosing hyperparameters (default 3)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the fold splits (default 1337)")
+    p.add_argument("--pca", type=int, nargs="+", default=None, metavar="N",
+                   help="PCA sizes to choose from inside the folds (default: none; 8 16 32 64 with --voxels)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_probe)
+
+
+def cmd_probe(args) -> int:
+    from medvol.apps.probe import check_args, markdown_table, run_probe
+
+    check_args(args.probes, args.folds, args.inner_folds)
+    if not args.input.is_dir():
+        raise UsageError(f"{args.input}: no such folder")
+    try:
+        result = run_probe(args.input, args.targets, args.target, args.output, task=args.task,
+                           id_column=args.id_column, group_column=args.group_column, voxels=args.voxels,
+                           size=args.size, pooling=args.pooling, id_regex=args.id_regex, probes=args.probes,
+                           num_folds=args.folds, inner_folds=args.inner_folds, seed=args.seed,
+                           pca_components=args.pca)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    print(markdown_table(result))
+    failed = result["info"]["failed"]
+    for reason in failed.values():
+        print(f"medvol probe: failed: {reason}", file=sys.stderr)
+    print(f"wrote {args.output / 'probe.json'} and {args.output / 'probe.md'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _add_monailabel_app(sub):
     p = sub.add_parser(
         "monailabel-app",
@@ -599,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_index(sub)
     _add_search(sub)
+    _add_probe(sub)
     _add_monailabel_app(sub)
     _add_bundle(sub)
     _add_demo(sub)
