@@ -275,6 +275,49 @@ def report(args, results: list[dict], pretrain_stats: dict) -> str:
     return text
 
 
+def export_results(args, results: list[dict], pretrain_stats: dict, dest: Path) -> None:
+    """Small files to commit beside the tables: every run (runs.csv), every test volume of every run
+    (per_volume.csv, from MONAI's MetricsSaver), pretraining statistics and the exact code and versions."""
+    import monai
+    import torch
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    runs = sorted(results, key=lambda r: (r["init"], str(r["n"]), r["seed"]))
+    with open(dest / "runs.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["init", "n_labeled", "seed", "mean_dice", "dice_anterior", "dice_posterior", "train_seconds"])
+        for r in runs:
+            w.writerow([r["init"], r["n"], r["seed"], f"{r['mean_dice']:.6f}", f"{r['dice_anterior']:.6f}",
+                        f"{r['dice_posterior']:.6f}", f"{r['train_seconds']:.1f}"])
+    with open(dest / "per_volume.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["init", "n_labeled", "seed", "case", "dice_anterior", "dice_posterior", "mean_dice"])
+        for r in runs:
+            raw = Path(args.out) / "finetune" / r["init"] / f"n{r['n']}_s{r['seed']}" / "eval" / "val_mean_dice_raw.csv"
+            with open(raw, newline="", encoding="utf-8") as g:
+                for row in csv.DictReader(g):
+                    w.writerow([r["init"], r["n"], r["seed"], Path(row["filename"]).name.split(".")[0],
+                                row["class0"], row["class1"], row["mean"]])
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", getattr(args, "code_commit", None) or "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    import faiss
+
+    provenance = {"commit": commit, "tree_modified": bool(dirty), "python": platform.python_version(),
+                  "torch": torch.__version__, "monai": monai.__version__, "faiss": faiss.__version__,
+                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                  "threads_per_finetune": args.threads, "workers": args.workers, "labels": args.labels,
+                  "seeds": args.seeds, "methods": args.methods, "pretrain_epochs": args.pretrain_epochs,
+                  "finetune_epochs": args.finetune_epochs, "iterations_per_epoch": args.iterations,
+                  "channels": [int(c) for c in args.channels], "pretraining": pretrain_stats,
+                  "split": str(Path(args.split).relative_to(REPO)) if Path(args.split).is_relative_to(REPO)
+                  else str(args.split)}
+    (dest / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+
+
 def _plot(args, table, inits, labels, n_pool: int, n_test: int) -> None:
     import matplotlib
 
@@ -320,6 +363,10 @@ def main() -> None:
     parser.add_argument("--pretrain-threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the pretraining process")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="also write runs.csv, per_volume.csv and provenance.json (commit, versions) here")
+    parser.add_argument("--code-commit", default=None,
+                        help="with --report-only --export: the commit the cached runs were made with (default HEAD)")
     parser.add_argument("--_pretrain-one", dest="pretrain_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pretrain_one:
@@ -335,6 +382,8 @@ def main() -> None:
     header = (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
               f"machine: {machine}, {os.cpu_count()} CPU cores, no GPU; total {time.perf_counter() - t0:.0f} s\n")
     (args.out / "report.md").write_text(header + "\n" + text + "\n")
+    if args.export:
+        export_results(args, results, stats, args.export)
     print(header + "\n" + text)
 
 
