@@ -381,7 +381,7 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     header = (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
               f"machine: {machine}, {os.cpu_count()} CPU cores, no GPU; total {time.perf_counter() - t0:.0f} s\n")
-    (args.out / "report.md").write_text(header + "\n" + text + "\n")
+    (args.out / "report.md").write_text(header + "\n" + text + "\n", encoding="utf-8")
     if args.export:
         export_results(args, results, stats, args.export)
     print(header + "\n" + text)

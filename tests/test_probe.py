@@ -138,7 +138,7 @@ def test_cli_writes_json_and_table_and_reports_bad_files(tmp_path, capsys):
     assert rc == 1 and "case900.npy: 12 non-finite values" in captured.err  # the others are still probed
     result = json.loads((out / "probe.json").read_text(encoding="utf-8"))
     assert result["info"]["matched"] == 40 and result["info"]["task"] == "binary" and result["info"]["grouped"]
-    assert result["linear"]["mean"]["auroc"] > 0.9 and "| linear |" in (out / "probe.md").read_text()
+    assert result["linear"]["mean"]["auroc"] > 0.9 and "| linear |" in (out / "probe.md").read_text(encoding="utf-8")
     assert "| knn |" in captured.out
 
 

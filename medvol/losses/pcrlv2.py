@@ -26,8 +26,10 @@ class SiameseCosineLoss(_Loss):
 
     Example:
         >>> p, z = torch.randn(4, 8), torch.randn(4, 8)
-        >>> SiameseCosineLoss()(p, p).item()
+        >>> round(SiameseCosineLoss()(p, p).item(), 4)  # identical features: the minimum, -1
         -1.0
+        >>> bool(SiameseCosineLoss()(p, z) > -1.0)
+        True
     """
 
     def __init__(self, reduction: str = "mean") -> None:

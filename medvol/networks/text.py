@@ -264,9 +264,14 @@ class PretrainedTextEncoder(TextEncoder):
         return self.tokenizer(sentence, add_special_tokens=False, truncation=True,
                               max_length=self.max_length)["input_ids"]
 
-    def _mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
-        # transformers' own (bidirectional) attention mask for the layers, as BertModel.forward builds it
-        return self.model._create_attention_masks(attention_mask, None, hidden, None, None)[0]
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # the bidirectional padding mask the layers take, built here rather than through transformers' private
+        # helper (its signature changed between 5.24 and 5.25): additive, (B, 1, 1, T), 0 to attend and the
+        # dtype's minimum for padding, which both the eager and the SDPA attention accept
+        keep = attention_mask[:, None, None, :].to(dtype=torch.bool, device=hidden.device)
+        return torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~keep, torch.finfo(hidden.dtype).min)
 
     @torch.no_grad()
     def _frozen_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
