@@ -44,13 +44,24 @@ METHODS = {
     # VoCo's SwinUNETR default would not be comparable with the U-Net fine-tuning of this benchmark
     "voco": ("voco", {"backbone": "unet", "roi_size": [32, 32, 32]}),
     "spark": ("spark", {}),
+    # the transformer encoders pretrain on their own backbones and fine-tune into a segmentation network of the
+    # same architecture (FINETUNE_BACKBONE), compared with that architecture trained from scratch
+    "swinunetr_ssl": ("swinunetr_ssl", {}),
+    "mae": ("mae", {"roi_size": [32, 48, 32]}),  # = UNETR_IMG_SIZE: the position embeddings transfer as they are
 }
+# fine-tuning backbone of the methods that do not pretrain the U-Net; each gets its own scratch row
+FINETUNE_BACKBONE = {"swinunetr_ssl": "swinunetr", "mae": "unetr"}
+UNETR_IMG_SIZE = [32, 48, 32]  # the fine-tuning crop (fewshot_segmentation's roi_size), fixed by the position grid
+# fine-tuning overrides per backbone: SwinUNETR needs every side divisible by 32 (five halvings), so it trains on
+# 32 x 64 x 32 crops (the padded volume's full height) instead of the U-Net's 32 x 48 x 32
+BACKBONE_FINETUNE = {"swinunetr": {"backbone": "swinunetr", "roi_size": [32, 64, 32]},
+                     "unetr": {"backbone": "unetr"}}
 # run ids of a method's bundle that must run before its training ("run"), in order, on the same overrides
 PRE_STEPS = {"pixel_clustering": ("cluster",)}  # pseudo-labels: k-means fitted once, one map per volume
 VIEWS_PER_CROP = 2
 # views per batch entry where not 2: Models Genesis and SparK one view (the target is the crop itself),
 # PCRLv2 2 global + 6 local crops, VoCo 4 base + 2 random crops
-VIEWS_PER_SAMPLE = {"models_genesis": 1, "pcrlv2": 8, "voco": 6, "spark": 1}
+VIEWS_PER_SAMPLE = {"models_genesis": 1, "pcrlv2": 8, "voco": 6, "spark": 1, "mae": 1}
 # pretraining epochs relative to --pretrain-epochs, so every method gets a similar compute budget:
 # global+local contrastive feeds 4 partition crops per volume (4x CAiD's work per epoch)
 # VoCo feeds 4 base crops + 2 random crops per volume (3x CAiD's 2 views)
@@ -65,6 +76,10 @@ FINETUNE = {
     "byol": {"pretrained_prefixes": ["encoder."]},  # encoder only trained (not chosen on validation data)
     "pcrlv2": {"pretrained_prefixes": ["encoder."]},  # skip-free decoder: its shapes differ from the U-Net's
     "voco": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
+    # SwinUNETR-SSL's heads and MAE's decoder are not the segmentation decoder: encoder only, fixed by what the
+    # pretext trains before the test run (2026-12-04), not chosen on validation data
+    "swinunetr_ssl": {"pretrained_prefixes": ["encoder."]},
+    "mae": {"pretrained_prefixes": ["encoder."]},
     # Models Genesis and SparK restore the volume with the whole U-Net, so encoder + decoder (the default)
     # transfer; fixed before their test runs by what the pretext trains (2026-12-03), not chosen on validation data
 }
@@ -96,7 +111,30 @@ def _peak_rss_mb() -> float:
 def _common(args) -> dict:
     channels = [int(c) for c in args.channels]
     return {"dataset_dir": str(args.data), "split_file": str(args.split),
-            "backbone_options": {"unet": {"channels": channels, "norm": "instance"}}}
+            "backbone_options": {"unet": {"channels": channels, "norm": "instance"},
+                                 "unetr": {"img_size": UNETR_IMG_SIZE}}}
+
+
+def scratch_init(method: str) -> str:
+    """The from-scratch row a method is compared with: ``scratch`` (U-Net) or ``scratch_<backbone>``."""
+    backbone = FINETUNE_BACKBONE.get(method, "unet")
+    return "scratch" if backbone == "unet" else f"scratch_{backbone}"
+
+
+def initialisations(methods: list[str]) -> list[str]:
+    """Rows of the table in order: the U-Net scratch row first, each other scratch row before its methods."""
+    inits = ["scratch"]
+    for method in methods:
+        for init in (scratch_init(method), method):
+            if init not in inits:
+                inits.append(init)
+    return inits
+
+
+def finetune_overrides(init: str, args) -> dict:
+    """The fine-tuning bundle's overrides for one row: shared settings, its backbone's, then its transfer."""
+    backbone = init[len("scratch_"):] if init.startswith("scratch_") else FINETUNE_BACKBONE.get(init, "unet")
+    return {**_common(args), **BACKBONE_FINETUNE.get(backbone, {}), **FINETUNE.get(init, {})}
 
 
 # ---- stage 1: pretraining (one subprocess per method, for a clean peak-memory number) ----------------------
@@ -218,10 +256,10 @@ def finetune_all(args, checkpoints: dict) -> list[dict]:
     jobs = []
     for n in args.labels:
         for seed in args.seeds:
-            for init in ["scratch", *args.methods]:
+            for init in initialisations(args.methods):
                 jobs.append({"init": init, "n": n, "seed": seed, "threads": args.threads,
                              "checkpoint": checkpoints.get(init), "epochs": args.finetune_epochs,
-                             "iterations": args.iterations, "common": {**_common(args), **FINETUNE.get(init, {})},
+                             "iterations": args.iterations, "common": finetune_overrides(init, args),
                              "out": str(Path(args.out) / "finetune" / init / f"n{n}_s{seed}")})
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
@@ -244,7 +282,7 @@ def split_sizes(split: Path) -> tuple[int, int]:
 def report(args, results: list[dict], pretrain_stats: dict) -> str:
     import numpy as np
 
-    inits = ["scratch", *args.methods]
+    inits = initialisations(args.methods)
     labels = [str(n) for n in args.labels]
     lines = ["| init | " + " | ".join(f"{n} labels" for n in labels) + " |",
              "|---|" + "---|" * len(labels)]
@@ -267,8 +305,9 @@ def report(args, results: list[dict], pretrain_stats: dict) -> str:
         lines.append(f"| {method} | {s['epochs']} | {s['iterations']} | {s['crops_per_second']:.1f} | "
                      f"{s['train_seconds']:.0f} | {s['peak_rss_mb']:.0f} |")
     for method in args.methods:
-        gains = [table[(method, n)][0] - table[("scratch", n)][0] for n in labels if (method, n) in table]
-        lines.append(f"\n{method} minus scratch (mean Dice): " + ", ".join(
+        base = scratch_init(method)
+        gains = [table[(method, n)][0] - table[(base, n)][0] for n in labels if (method, n) in table]
+        lines.append(f"\n{method} minus {base} (mean Dice): " + ", ".join(
             f"{n}: {g:+.3f}" for n, g in zip(labels, gains)))
     text = "\n".join(lines)
     _plot(args, table, inits, labels, n_pool, n_test)
@@ -329,7 +368,8 @@ def _plot(args, table, inits, labels, n_pool: int, n_test: int) -> None:
     for init in inits:
         mean = [table[(init, n)][0] for n in labels]
         std = [table[(init, n)][1] for n in labels]
-        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=init)
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=init,
+                    linestyle="--" if init.startswith("scratch") else "-")
     ax.set_xscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels(labels)

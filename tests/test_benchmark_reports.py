@@ -55,3 +55,45 @@ def test_fewshot_export_writes_runs_volumes_and_provenance(tmp_path):
     prov = json.loads((tmp_path / "export" / "provenance.json").read_text(encoding="utf-8"))
     assert len(prov["commit"]) == 40 and prov["torch"] and prov["monai"]
     assert prov["split"] == "benchmarks/splits/hippocampus_fewshot.json"
+
+
+def test_fewshot_transformer_rows_have_their_own_scratch_baseline(tmp_path):
+    """SwinUNETR-SSL and MAE fine-tune into their own architectures and are compared with that architecture from
+    scratch; the U-Net methods keep the U-Net scratch row."""
+    bench = _load("fewshot_hippocampus")
+    assert bench.initialisations(["simclr", "swinunetr_ssl", "mae"]) == [
+        "scratch", "simclr", "scratch_swinunetr", "swinunetr_ssl", "scratch_unetr", "mae"]
+    assert bench.initialisations([]) == ["scratch"]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"pool": ["p0"], "test": ["t0"]}), encoding="utf-8")
+    dice = {"scratch": 0.7, "simclr": 0.75, "scratch_swinunetr": 0.6, "swinunetr_ssl": 0.65}
+    results = [{"init": i, "n": "1", "seed": 0, "mean_dice": d, "dice_anterior": d, "dice_posterior": d}
+               for i, d in dice.items()]
+    args = SimpleNamespace(methods=["simclr", "swinunetr_ssl"], labels=["1"], split=split, plot=str(tmp_path / "p.png"),
+                           data=tmp_path, channels=[8, 16, 32, 64])
+    text = bench.report(args, results, {})
+    assert "swinunetr_ssl minus scratch_swinunetr (mean Dice): 1: +0.050" in text
+    assert "simclr minus scratch (mean Dice): 1: +0.050" in text
+    swin, unetr, unet = (bench.finetune_overrides(i, args) for i in ("swinunetr_ssl", "scratch_unetr", "simclr"))
+    assert swin["backbone"] == "swinunetr" and swin["pretrained_prefixes"] == ["encoder."]
+    assert unetr["backbone"] == "unetr" and "pretrained_prefixes" not in unetr
+    assert "backbone" not in unet  # the bundle's default, the U-Net
+
+
+def test_fewshot_transformer_overrides_build_networks_the_crops_fit(tmp_path):
+    """The benchmark's SwinUNETR and UNETR overrides give fewshot_segmentation networks that take its crops."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bench = _load("fewshot_hippocampus")
+    args = SimpleNamespace(data=tmp_path, split=tmp_path / "split.json", channels=[8, 16, 32, 64])
+    for init in ("scratch_swinunetr", "scratch_unetr"):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / "fewshot_segmentation" / "configs" / "train.json"))
+        for key, value in bench.finetune_overrides(init, args).items():
+            parser[key] = value
+        roi = parser.get_parsed_content("roi_size")
+        net = parser.get_parsed_content("network_def").eval()
+        with torch.no_grad():
+            out = net(torch.zeros(1, 1, *roi))
+        assert out.shape == (1, 3, *roi), init
