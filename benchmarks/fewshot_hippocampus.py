@@ -12,6 +12,8 @@ skips finished pretraining and fine-tuning runs.
 Usage:
     MEDVOL_DATA=../shared/data python benchmarks/fewshot_hippocampus.py --out benchmarks/results/fewshot
     python benchmarks/fewshot_hippocampus.py --out ... --report-only     # table + plot from cached runs
+    python benchmarks/fewshot_hippocampus.py --out /tmp/recheck \
+        --recheck docs/results/fewshot_hippocampus_issue15/runs.csv --recheck-cell scratch 1 0  # one cell again
 """
 
 from __future__ import annotations
@@ -252,15 +254,15 @@ def _finetune_one(job: dict) -> dict:
     return result
 
 
+def _job(args, init: str, n, seed: int, checkpoint: str | None, out: Path) -> dict:
+    return {"init": init, "n": n, "seed": seed, "threads": args.threads, "checkpoint": checkpoint,
+            "epochs": args.finetune_epochs, "iterations": args.iterations, "common": finetune_overrides(init, args),
+            "out": str(out)}
+
+
 def finetune_all(args, checkpoints: dict) -> list[dict]:
-    jobs = []
-    for n in args.labels:
-        for seed in args.seeds:
-            for init in initialisations(args.methods):
-                jobs.append({"init": init, "n": n, "seed": seed, "threads": args.threads,
-                             "checkpoint": checkpoints.get(init), "epochs": args.finetune_epochs,
-                             "iterations": args.iterations, "common": finetune_overrides(init, args),
-                             "out": str(Path(args.out) / "finetune" / init / f"n{n}_s{seed}")})
+    jobs = [_job(args, init, n, seed, checkpoints.get(init), Path(args.out) / "finetune" / init / f"n{n}_s{seed}")
+            for n in args.labels for seed in args.seeds for init in initialisations(args.methods)]
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
         for r in pool.map(_finetune_one, jobs):
@@ -268,6 +270,27 @@ def finetune_all(args, checkpoints: dict) -> list[dict]:
                   f"({r['train_seconds']:.0f}s)", flush=True)
             results.append(r)
     return results
+
+
+def recheck(args) -> int:
+    """Re-run one cell of a committed ``runs.csv`` from nothing (its pretraining cached in ``--out``, the
+    fine-tuning always fresh) and compare its mean Dice; 1 when it differs by more than ``--tolerance``."""
+    import shutil
+
+    init, n, seed = args.recheck_cell
+    with open(args.recheck, newline="", encoding="utf-8") as f:
+        want = [r for r in csv.DictReader(f) if (r["init"], r["n_labeled"], r["seed"]) == (init, n, seed)]
+    if not want:
+        raise SystemExit(f"{args.recheck}: no run with init {init}, {n} labels, seed {seed}")
+    checkpoint = None if init.startswith("scratch") else pretrain(init, args)["checkpoint"]
+    out = Path(args.out) / "recheck" / init / f"n{n}_s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    got = _finetune_one(_job(args, init, n, int(seed), checkpoint, out))
+    diff = got["mean_dice"] - float(want[0]["mean_dice"])
+    ok = abs(diff) <= args.tolerance
+    print(f"recheck {init} n={n} seed={seed}: {got['mean_dice']:.4f} now, {float(want[0]['mean_dice']):.4f} in "
+          f"{args.recheck} ({diff:+.4f}; tolerance {args.tolerance}): {'same' if ok else 'DIFFERENT'}", flush=True)
+    return 0 if ok else 1
 
 
 # ---- stage 3: report ------------------------------------------------------------------------------------------
@@ -407,11 +430,17 @@ def main() -> None:
                         help="also write runs.csv, per_volume.csv and provenance.json (commit, versions) here")
     parser.add_argument("--code-commit", default=None,
                         help="with --report-only --export: the commit the cached runs were made with (default HEAD)")
+    parser.add_argument("--recheck", type=Path, default=None, metavar="RUNS_CSV",
+                        help="re-run one cell of a committed runs.csv (--recheck-cell) and compare; 1 if it differs")
+    parser.add_argument("--recheck-cell", nargs=3, default=["scratch", "1", "0"], metavar=("INIT", "N", "SEED"))
+    parser.add_argument("--tolerance", type=float, default=0.005, help="--recheck: largest mean Dice difference")
     parser.add_argument("--_pretrain-one", dest="pretrain_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pretrain_one:
         _pretrain_one(args.pretrain_one, args)
         return
+    if args.recheck:
+        sys.exit(recheck(args))
     t0 = time.perf_counter()
     stats = {m: pretrain(m, args) for m in args.methods} if not args.report_only else {
         m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8")) for m in args.methods}

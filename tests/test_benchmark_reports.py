@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -97,3 +99,33 @@ def test_fewshot_transformer_overrides_build_networks_the_crops_fit(tmp_path):
         with torch.no_grad():
             out = net(torch.zeros(1, 1, *roi))
         assert out.shape == (1, 3, *roi), init
+
+
+def test_fewshot_recheck_reruns_the_cell_fresh_and_compares(tmp_path, monkeypatch):
+    """--recheck re-runs one committed cell (never its cached result) and fails when the Dice moved."""
+    bench = _load("fewshot_hippocampus")
+    runs = tmp_path / "runs.csv"
+    runs.write_text("init,n_labeled,seed,mean_dice,dice_anterior,dice_posterior,train_seconds\n"
+                    "scratch,1,0,0.704400,0.789,0.620,120.0\n", encoding="utf-8")
+    stale = tmp_path / "out" / "recheck" / "scratch" / "n1_s0"
+    stale.mkdir(parents=True)
+    (stale / "result.json").write_text("{}", encoding="utf-8")
+    seen = []
+
+    def fake(job):
+        seen.append(job)
+        assert not Path(job["out"]).exists()  # the old result was removed, so the cell really re-runs
+        return {"mean_dice": dice}
+
+    monkeypatch.setattr(bench, "_finetune_one", fake)
+    args = SimpleNamespace(recheck=runs, recheck_cell=["scratch", "1", "0"], tolerance=0.005, out=tmp_path / "out",
+                           threads=1, finetune_epochs=25, iterations=20, data=tmp_path, split=tmp_path / "s.json",
+                           channels=[8, 16, 32, 64])
+    dice = 0.7046
+    assert bench.recheck(args) == 0
+    dice = 0.7831
+    assert bench.recheck(args) == 1
+    assert seen[0]["checkpoint"] is None and seen[0]["n"] == "1" and seen[0]["seed"] == 0
+    args.recheck_cell = ["scratch", "2", "0"]
+    with pytest.raises(SystemExit, match="no run with init scratch, 2 labels, seed 0"):
+        bench.recheck(args)
