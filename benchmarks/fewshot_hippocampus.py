@@ -117,26 +117,55 @@ def _common(args) -> dict:
                                  "unetr": {"img_size": UNETR_IMG_SIZE}}}
 
 
+# --variants METHOD@TRANSFER: extra rows that fine-tune a method's checkpoint with another transfer choice (for
+# choosing it on a validation split, or for diagnosing a method)
+TRANSFERS = {"encoder": ["encoder."], "all": ["encoder.", "decoder."]}
+
+
+def base_method(init: str) -> str:
+    """``models_genesis@encoder`` -> ``models_genesis`` (the checkpoint a variant row fine-tunes)."""
+    return init.split("@")[0]
+
+
+def parse_variant(text: str) -> str:
+    """argparse type of ``--variants``: ``METHOD@TRANSFER`` with a known method and transfer."""
+    method, _, transfer = text.partition("@")
+    if method not in METHODS or transfer not in TRANSFERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD@TRANSFER with METHOD one of "
+                                         f"{', '.join(METHODS)} and TRANSFER one of {', '.join(TRANSFERS)}")
+    return text
+
+
 def scratch_init(method: str) -> str:
     """The from-scratch row a method is compared with: ``scratch`` (U-Net) or ``scratch_<backbone>``."""
-    backbone = FINETUNE_BACKBONE.get(method, "unet")
+    backbone = FINETUNE_BACKBONE.get(base_method(method), "unet")
     return "scratch" if backbone == "unet" else f"scratch_{backbone}"
 
 
-def initialisations(methods: list[str]) -> list[str]:
-    """Rows of the table in order: the U-Net scratch row first, each other scratch row before its methods."""
+def initialisations(methods: list[str], variants: list[str] = ()) -> list[str]:
+    """Rows of the table in order: the U-Net scratch row first, each other scratch row before its methods, a
+    method's variants after it."""
     inits = ["scratch"]
-    for method in methods:
-        for init in (scratch_init(method), method):
+    rows = [*methods, *(v for v in variants if base_method(v) not in methods)]
+    for method in rows:
+        for init in (scratch_init(method), method, *(v for v in variants if base_method(v) == method)):
             if init not in inits:
                 inits.append(init)
     return inits
 
 
+def pretrained_methods(args) -> list[str]:
+    """The methods whose checkpoints the rows need: ``--methods`` and the methods of ``--variants``."""
+    variants = getattr(args, "variants", None) or []
+    return list(dict.fromkeys([*args.methods, *(base_method(v) for v in variants)]))
+
+
 def finetune_overrides(init: str, args) -> dict:
     """The fine-tuning bundle's overrides for one row: shared settings, its backbone's, then its transfer."""
-    backbone = init[len("scratch_"):] if init.startswith("scratch_") else FINETUNE_BACKBONE.get(init, "unet")
-    return {**_common(args), **BACKBONE_FINETUNE.get(backbone, {}), **FINETUNE.get(init, {})}
+    method = base_method(init)
+    backbone = init[len("scratch_"):] if init.startswith("scratch_") else FINETUNE_BACKBONE.get(method, "unet")
+    transfer = {"pretrained_prefixes": TRANSFERS[init.split("@")[1]]} if "@" in init else FINETUNE.get(init, {})
+    return {**_common(args), **BACKBONE_FINETUNE.get(backbone, {}), **transfer}
 
 
 # ---- stage 1: pretraining (one subprocess per method, for a clean peak-memory number) ----------------------
@@ -261,8 +290,10 @@ def _job(args, init: str, n, seed: int, checkpoint: str | None, out: Path) -> di
 
 
 def finetune_all(args, checkpoints: dict) -> list[dict]:
-    jobs = [_job(args, init, n, seed, checkpoints.get(init), Path(args.out) / "finetune" / init / f"n{n}_s{seed}")
-            for n in args.labels for seed in args.seeds for init in initialisations(args.methods)]
+    inits = initialisations(args.methods, getattr(args, "variants", None) or [])
+    jobs = [_job(args, init, n, seed, checkpoints.get(base_method(init)),
+                 Path(args.out) / "finetune" / init / f"n{n}_s{seed}")
+            for n in args.labels for seed in args.seeds for init in inits]
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
         for r in pool.map(_finetune_one, jobs):
@@ -282,7 +313,7 @@ def recheck(args) -> int:
         want = [r for r in csv.DictReader(f) if (r["init"], r["n_labeled"], r["seed"]) == (init, n, seed)]
     if not want:
         raise SystemExit(f"{args.recheck}: no run with init {init}, {n} labels, seed {seed}")
-    checkpoint = None if init.startswith("scratch") else pretrain(init, args)["checkpoint"]
+    checkpoint = None if init.startswith("scratch") else pretrain(base_method(init), args)["checkpoint"]
     out = Path(args.out) / "recheck" / init / f"n{n}_s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     got = _finetune_one(_job(args, init, n, int(seed), checkpoint, out))
@@ -305,7 +336,8 @@ def split_sizes(split: Path) -> tuple[int, int]:
 def report(args, results: list[dict], pretrain_stats: dict) -> str:
     import numpy as np
 
-    inits = initialisations(args.methods)
+    variants = getattr(args, "variants", None) or []
+    inits = initialisations(args.methods, variants)
     labels = [str(n) for n in args.labels]
     lines = ["| init | " + " | ".join(f"{n} labels" for n in labels) + " |",
              "|---|" + "---|" * len(labels)]
@@ -327,7 +359,7 @@ def report(args, results: list[dict], pretrain_stats: dict) -> str:
     for method, s in pretrain_stats.items():
         lines.append(f"| {method} | {s['epochs']} | {s['iterations']} | {s['crops_per_second']:.1f} | "
                      f"{s['train_seconds']:.0f} | {s['peak_rss_mb']:.0f} |")
-    for method in args.methods:
+    for method in [i for i in inits if not i.startswith("scratch")]:
         base = scratch_init(method)
         gains = [table[(method, n)][0] - table[(base, n)][0] for n in labels if (method, n) in table]
         lines.append(f"\n{method} minus {base} (mean Dice): " + ", ".join(
@@ -372,7 +404,8 @@ def export_results(args, results: list[dict], pretrain_stats: dict, dest: Path) 
                   "torch": torch.__version__, "monai": monai.__version__, "faiss": faiss.__version__,
                   "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                   "threads_per_finetune": args.threads, "workers": args.workers, "labels": args.labels,
-                  "seeds": args.seeds, "methods": args.methods, "pretrain_epochs": args.pretrain_epochs,
+                  "seeds": args.seeds, "methods": args.methods,
+                  "variants": getattr(args, "variants", None) or [], "pretrain_epochs": args.pretrain_epochs,
                   "finetune_epochs": args.finetune_epochs, "iterations_per_epoch": args.iterations,
                   "channels": [int(c) for c in args.channels], "pretraining": pretrain_stats,
                   "split": str(Path(args.split).relative_to(REPO)) if Path(args.split).is_relative_to(REPO)
@@ -414,6 +447,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fewshot_hippocampus")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "fewshot_hippocampus.png")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--variants", nargs="*", default=[], type=parse_variant, metavar="METHOD@TRANSFER",
+                        help=f"extra rows: a method's checkpoint with another transfer ({', '.join(TRANSFERS)})")
     parser.add_argument("--labels", nargs="*", default=["1", "2", "5", "10", "all"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--channels", nargs="*", default=[8, 16, 32, 64],
@@ -442,8 +477,9 @@ def main() -> None:
     if args.recheck:
         sys.exit(recheck(args))
     t0 = time.perf_counter()
-    stats = {m: pretrain(m, args) for m in args.methods} if not args.report_only else {
-        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8")) for m in args.methods}
+    methods = pretrained_methods(args)
+    stats = {m: pretrain(m, args) for m in methods} if not args.report_only else {
+        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8")) for m in methods}
     checkpoints = {m: s["checkpoint"] for m, s in stats.items()}
     results = finetune_all(args, checkpoints)
     text = report(args, results, stats)

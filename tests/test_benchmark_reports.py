@@ -129,3 +129,22 @@ def test_fewshot_recheck_reruns_the_cell_fresh_and_compares(tmp_path, monkeypatc
     args.recheck_cell = ["scratch", "2", "0"]
     with pytest.raises(SystemExit, match="no run with init scratch, 2 labels, seed 0"):
         bench.recheck(args)
+
+
+def test_fewshot_variants_fine_tune_a_checkpoint_with_another_transfer(tmp_path):
+    """--variants models_genesis@encoder: the same checkpoint, encoder only, as a row after the method's."""
+    import argparse
+
+    bench = _load("fewshot_hippocampus")
+    assert bench.initialisations(["models_genesis"], ["models_genesis@encoder"]) == [
+        "scratch", "models_genesis", "models_genesis@encoder"]
+    assert bench.initialisations([], ["models_genesis@encoder", "mae@all"]) == [
+        "scratch", "models_genesis@encoder", "scratch_unetr", "mae@all"]
+    args = SimpleNamespace(methods=[], variants=["models_genesis@encoder"], data=tmp_path, split=tmp_path / "s.json",
+                           channels=[8, 16, 32, 64])
+    assert bench.pretrained_methods(args) == ["models_genesis"]
+    assert bench.finetune_overrides("models_genesis@encoder", args)["pretrained_prefixes"] == ["encoder."]
+    assert "pretrained_prefixes" not in bench.finetune_overrides("models_genesis", args)  # the bundle's default
+    assert bench.finetune_overrides("mae@all", args)["backbone"] == "unetr"
+    with pytest.raises(argparse.ArgumentTypeError, match="METHOD@TRANSFER"):
+        bench.parse_variant("models_genesis@decoder")
