@@ -30,6 +30,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import cpu_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
@@ -318,6 +321,11 @@ def recheck(args) -> int:
     shutil.rmtree(out, ignore_errors=True)
     got = _finetune_one(_job(args, init, n, int(seed), checkpoint, out))
     diff = got["mean_dice"] - float(want[0]["mean_dice"])
+    recorded = Path(args.recheck).with_name("provenance.json")
+    if recorded.is_file():  # float results depend on the CPU's kernels: say which CPUs are compared
+        prov = json.loads(recorded.read_text(encoding="utf-8"))
+        print(f"recorded at {prov.get('commit', '?')[:10]} on {prov.get('cpu', prov.get('machine', '?'))}; "
+              f"now on {cpu_model()}", flush=True)
     ok = abs(diff) <= args.tolerance
     print(f"recheck {init} n={n} seed={seed}: {got['mean_dice']:.4f} now, {float(want[0]['mean_dice']):.4f} in "
           f"{args.recheck} ({diff:+.4f}; tolerance {args.tolerance}): {'same' if ok else 'DIFFERENT'}", flush=True)
@@ -402,7 +410,7 @@ def export_results(args, results: list[dict], pretrain_stats: dict, dest: Path) 
 
     provenance = {"commit": commit, "tree_modified": bool(dirty), "python": platform.python_version(),
                   "torch": torch.__version__, "monai": monai.__version__, "faiss": faiss.__version__,
-                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                  "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                   "threads_per_finetune": args.threads, "workers": args.workers, "labels": args.labels,
                   "seeds": args.seeds, "methods": args.methods,
                   "variants": getattr(args, "variants", None) or [], "pretrain_epochs": args.pretrain_epochs,
@@ -483,7 +491,7 @@ def main() -> None:
     checkpoints = {m: s["checkpoint"] for m, s in stats.items()}
     results = finetune_all(args, checkpoints)
     text = report(args, results, stats)
-    machine = platform.processor() or platform.machine()
+    machine = f"{cpu_model()} ({platform.machine()})"
     header = (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
               f"machine: {machine}, {os.cpu_count()} CPU cores, no GPU; total {time.perf_counter() - t0:.0f} s\n")
     (args.out / "report.md").write_text(header + "\n" + text + "\n", encoding="utf-8")

@@ -7,15 +7,21 @@ import platform
 from pathlib import Path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): float results of the same code
+    differ between CPUs (other vector kernels), so every result records it."""
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    return platform.processor() or "unknown"
+
+
 def machine_info(**extra) -> dict:
     """CPU model, usable cores, RAM, GPU, Python / torch / MONAI versions and the load average, plus ``extra``."""
     import monai
     import torch
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-                    if ln.startswith("model name")), cpu)
+    cpu = cpu_model()
     mem_kib = Path("/proc/meminfo").read_text(encoding="utf-8").split()[1] if Path("/proc/meminfo").exists() else "0"
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -55,7 +55,7 @@ def test_fewshot_export_writes_runs_volumes_and_provenance(tmp_path):
     assert len(rows) == 4 and rows[0]["case"] == "hippocampus_004" and rows[1]["mean_dice"] == "0.8"
     assert len((tmp_path / "export" / "runs.csv").read_text(encoding="utf-8").splitlines()) == 3
     prov = json.loads((tmp_path / "export" / "provenance.json").read_text(encoding="utf-8"))
-    assert len(prov["commit"]) == 40 and prov["torch"] and prov["monai"]
+    assert len(prov["commit"]) == 40 and prov["torch"] and prov["monai"] and prov["cpu"]
     assert prov["split"] == "benchmarks/splits/hippocampus_fewshot.json"
 
 
