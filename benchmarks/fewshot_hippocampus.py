@@ -81,10 +81,11 @@ FINETUNE = {
     "byol": {"pretrained_prefixes": ["encoder."]},  # encoder only trained (not chosen on validation data)
     "pcrlv2": {"pretrained_prefixes": ["encoder."]},  # skip-free decoder: its shapes differ from the U-Net's
     "voco": {"pretrained_prefixes": ["encoder."]},  # its pretext trains the encoder only
-    # SwinUNETR-SSL's heads and MAE's decoder are not the segmentation decoder: encoder only, fixed by what the
+    # SwinUNETR-SSL and MAE train only the transformer of the encoder (their heads and MAE's decoder are not the
+    # segmentation decoder; the conv skip blocks stay at initialisation): that transformer only, fixed by what the
     # pretext trains before the test run (2026-12-04), not chosen on validation data
-    "swinunetr_ssl": {"pretrained_prefixes": ["encoder."]},
-    "mae": {"pretrained_prefixes": ["encoder."]},
+    "swinunetr_ssl": {"pretrained_prefixes": ["encoder.swinViT."]},
+    "mae": {"pretrained_prefixes": ["encoder.vit."]},
     # Models Genesis and SparK restore the volume with the whole U-Net, so encoder + decoder (the default)
     # transfer; fixed before their test runs by what the pretext trains (2026-12-03), not chosen on validation data
 }

@@ -77,7 +77,7 @@ def test_fewshot_transformer_rows_have_their_own_scratch_baseline(tmp_path):
     assert "swinunetr_ssl minus scratch_swinunetr (mean Dice): 1: +0.050" in text
     assert "simclr minus scratch (mean Dice): 1: +0.050" in text
     swin, unetr, unet = (bench.finetune_overrides(i, args) for i in ("swinunetr_ssl", "scratch_unetr", "simclr"))
-    assert swin["backbone"] == "swinunetr" and swin["pretrained_prefixes"] == ["encoder."]
+    assert swin["backbone"] == "swinunetr" and swin["pretrained_prefixes"] == ["encoder.swinViT."]
     assert unetr["backbone"] == "unetr" and "pretrained_prefixes" not in unetr
     assert "backbone" not in unet  # the bundle's default, the U-Net
 
