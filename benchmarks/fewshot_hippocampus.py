@@ -436,6 +436,7 @@ def _plot(args, table, inits, labels, n_pool: int, n_test: int) -> None:
         ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=init,
                     linestyle="--" if init.startswith("scratch") else "-")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no "3 x 10^0" labels between the label counts
     ax.set_xticks(xs)
     ax.set_xticklabels(labels)
     ax.set_xlabel("labeled training volumes")
