@@ -13,7 +13,7 @@ Usage:
     MEDVOL_DATA=../shared/data python benchmarks/fewshot_hippocampus.py --out benchmarks/results/fewshot
     python benchmarks/fewshot_hippocampus.py --out ... --report-only     # table + plot from cached runs
     python benchmarks/fewshot_hippocampus.py --out /tmp/recheck \
-        --recheck docs/results/fewshot_hippocampus_issue15/runs.csv --recheck-cell scratch 1 0  # one cell again
+        --recheck docs/results/fewshot_hippocampus_issue15/run1/runs.csv --recheck-cell scratch 1 0  # one cell
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from machine_info import cpu_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
+UNETR_IMG_SIZE = [32, 48, 32]  # the fine-tuning crop (fewshot_segmentation's roi_size), fixed by the position grid
 # pretraining method -> (bundle, extra overrides); every batch entry is one crop, seen in VIEWS_PER_CROP views
 METHODS = {
     "caid": ("caid", {}),
@@ -52,11 +53,12 @@ METHODS = {
     # the transformer encoders pretrain on their own backbones and fine-tune into a segmentation network of the
     # same architecture (FINETUNE_BACKBONE), compared with that architecture trained from scratch
     "swinunetr_ssl": ("swinunetr_ssl", {}),
-    "mae": ("mae", {"roi_size": [32, 48, 32]}),  # = UNETR_IMG_SIZE: the position embeddings transfer as they are
+    "mae": ("mae", {"roi_size": UNETR_IMG_SIZE}),  # = the UNETR's img_size: the position embeddings transfer
 }
+# what a run without --methods pretrains: SwinUNETR-SSL is GPU-sized (about 7 h of fine-tuning on 2 CPU cores)
+DEFAULT_METHODS = [m for m in METHODS if m != "swinunetr_ssl"]
 # fine-tuning backbone of the methods that do not pretrain the U-Net; each gets its own scratch row
 FINETUNE_BACKBONE = {"swinunetr_ssl": "swinunetr", "mae": "unetr"}
-UNETR_IMG_SIZE = [32, 48, 32]  # the fine-tuning crop (fewshot_segmentation's roi_size), fixed by the position grid
 # fine-tuning overrides per backbone: SwinUNETR needs every side divisible by 32 (five halvings), so it trains on
 # 32 x 64 x 32 crops (the padded volume's full height) instead of the U-Net's 32 x 48 x 32
 BACKBONE_FINETUNE = {"swinunetr": {"backbone": "swinunetr", "roi_size": [32, 64, 32]},
@@ -179,7 +181,12 @@ def pretrain(method: str, args) -> dict:
     out = Path(args.out) / "pretrain" / method
     stats_file = out / "stats.json"
     if stats_file.is_file():
-        return json.loads(stats_file.read_text(encoding="utf-8"))
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        split = str(Path(args.split).resolve())
+        if stats.get("split", split) != split:  # a cache keyed by path must not mix splits
+            raise SystemExit(f"{stats_file}: pretrained on split {stats['split']}, not {args.split}; "
+                             "use another --out for another split")
+        return stats
     cmd = [sys.executable, __file__, "--_pretrain-one", method, *sys.argv[1:]]
     print(f"[pretrain] {method} -> {out}", flush=True)
     log = out / "log.txt"
@@ -229,7 +236,8 @@ def _pretrain_one(method: str, args) -> None:
     stats = {"method": method, "epochs": epochs, "iterations": trainer.state.iteration,
              "samples": samples, "crops": samples * VIEWS_PER_SAMPLE.get(method, VIEWS_PER_CROP),
              "train_seconds": timing["train_seconds"], "wall_seconds": wall, "peak_rss_mb": _peak_rss_mb(),
-             "checkpoint": str(out / "models" / "model.pt"), **step_seconds}
+             "checkpoint": str(out / "models" / "model.pt"), "split": str(Path(args.split).resolve()),
+             **step_seconds}
     stats["crops_per_second"] = stats["crops"] / max(stats["train_seconds"], 1e-9)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
 
@@ -412,6 +420,7 @@ def export_results(args, results: list[dict], pretrain_stats: dict, dest: Path) 
     provenance = {"commit": commit, "tree_modified": bool(dirty), "python": platform.python_version(),
                   "torch": torch.__version__, "monai": monai.__version__, "faiss": faiss.__version__,
                   "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "threads_per_finetune": args.threads, "workers": args.workers, "labels": args.labels,
                   "seeds": args.seeds, "methods": args.methods,
                   "variants": getattr(args, "variants", None) or [], "pretrain_epochs": args.pretrain_epochs,
@@ -455,8 +464,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=data)
     parser.add_argument("--split", type=Path, default=REPO / "benchmarks" / "splits" / "hippocampus_fewshot.json")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fewshot_hippocampus")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "fewshot_hippocampus.png")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--plot", type=Path, default=None, help="default: OUT/fewshot_hippocampus.png")
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="default: every method but swinunetr_ssl (GPU-sized)")
     parser.add_argument("--variants", nargs="*", default=[], type=parse_variant, metavar="METHOD@TRANSFER",
                         help=f"extra rows: a method's checkpoint with another transfer ({', '.join(TRANSFERS)})")
     parser.add_argument("--labels", nargs="*", default=["1", "2", "5", "10", "all"])
@@ -486,16 +496,28 @@ def main() -> None:
         return
     if args.recheck:
         sys.exit(recheck(args))
+    if args.plot is None:
+        args.plot = args.out / "fewshot_hippocampus.png"
     t0 = time.perf_counter()
     methods = pretrained_methods(args)
-    stats = {m: pretrain(m, args) for m in methods} if not args.report_only else {
-        m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8")) for m in methods}
+    if args.report_only:
+        missing = [m for m in methods if not (args.out / "pretrain" / m / "stats.json").is_file()]
+        if missing:
+            raise SystemExit(f"--report-only: {args.out} has no pretraining of {', '.join(missing)}; "
+                             "pass the --methods that run used")
+        stats = {m: json.loads((args.out / "pretrain" / m / "stats.json").read_text(encoding="utf-8"))
+                 for m in methods}
+    else:
+        stats = {m: pretrain(m, args) for m in methods}
     checkpoints = {m: s["checkpoint"] for m, s in stats.items()}
     results = finetune_all(args, checkpoints)
     text = report(args, results, stats)
+    import torch
+
     machine = f"{cpu_model()} ({platform.machine()})"
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
     header = (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
-              f"machine: {machine}, {os.cpu_count()} CPU cores, no GPU; total {time.perf_counter() - t0:.0f} s\n")
+              f"machine: {machine}, {os.cpu_count()} CPU cores, {gpu}; total {time.perf_counter() - t0:.0f} s\n")
     (args.out / "report.md").write_text(header + "\n" + text + "\n", encoding="utf-8")
     if args.export:
         export_results(args, results, stats, args.export)

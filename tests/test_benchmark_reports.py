@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,7 +56,10 @@ def test_fewshot_export_writes_runs_volumes_and_provenance(tmp_path):
     assert len(rows) == 4 and rows[0]["case"] == "hippocampus_004" and rows[1]["mean_dice"] == "0.8"
     assert len((tmp_path / "export" / "runs.csv").read_text(encoding="utf-8").splitlines()) == 3
     prov = json.loads((tmp_path / "export" / "provenance.json").read_text(encoding="utf-8"))
-    assert len(prov["commit"]) == 40 and prov["torch"] and prov["monai"] and prov["cpu"]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine_info import cpu_model
+
+    assert len(prov["commit"]) == 40 and prov["torch"] and prov["monai"] and prov["cpu"] == cpu_model()
     assert prov["split"] == "benchmarks/splits/hippocampus_fewshot.json"
 
 
@@ -101,7 +105,48 @@ def test_fewshot_transformer_overrides_build_networks_the_crops_fit(tmp_path):
         assert out.shape == (1, 3, *roi), init
 
 
-def test_fewshot_recheck_reruns_the_cell_fresh_and_compares(tmp_path, monkeypatch):
+def test_fewshot_transformer_checkpoints_load_under_the_benchmark_prefixes(tmp_path):
+    """The pretraining bundles' backbones (with the benchmark's overrides) load into the fine-tuning networks
+    under FINETUNE's prefixes, every selected tensor (strict), so the transformer rows start from the pretext."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medvol.networks import load_pretrained
+
+    bench = _load("fewshot_hippocampus")
+    args = SimpleNamespace(data=tmp_path, split=tmp_path / "split.json", channels=[8, 16, 32, 64])
+    for method, bundle in (("mae", "mae"), ("swinunetr_ssl", "swinunetr_ssl")):
+        nets = []
+        for name, overrides in ((bundle, {**bench._common(args), **bench.METHODS[method][1]}),
+                                ("fewshot_segmentation", bench.finetune_overrides(method, args))):
+            parser = ConfigParser()
+            parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+            for key, value in overrides.items():
+                parser[key] = value
+            nets.append(parser.get_parsed_content("network_def"))
+        pretrained, finetune = nets
+        prefixes = bench.FINETUNE[method]["pretrained_prefixes"]
+        torch.save(pretrained.state_dict(), tmp_path / f"{method}.pt")
+        load_pretrained(finetune, tmp_path / f"{method}.pt", prefixes=prefixes, strict=True)
+        selected = [k for k in finetune.state_dict() if k.startswith(tuple(prefixes))]
+        assert len(selected) > 50, (method, len(selected))  # the whole transformer, not a stray key
+        for key in selected:
+            assert torch.equal(finetune.state_dict()[key], pretrained.state_dict()[key]), key
+
+
+def test_fewshot_pretraining_cache_refuses_another_split(tmp_path):
+    bench = _load("fewshot_hippocampus")
+    stats = tmp_path / "pretrain" / "byol" / "stats.json"
+    stats.parent.mkdir(parents=True)
+    stats.write_text(json.dumps({"split": str(tmp_path / "test_split.json"), "checkpoint": "x"}), encoding="utf-8")
+    args = SimpleNamespace(out=tmp_path, split=tmp_path / "test_split.json")
+    assert bench.pretrain("byol", args)["checkpoint"] == "x"
+    args.split = tmp_path / "validation_split.json"
+    with pytest.raises(SystemExit, match="use another --out for another split"):
+        bench.pretrain("byol", args)
+
+
+def test_fewshot_recheck_reruns_the_cell_fresh_and_compares(tmp_path, monkeypatch, capsys):
     """--recheck re-runs one committed cell (never its cached result) and fails when the Dice moved."""
     bench = _load("fewshot_hippocampus")
     runs = tmp_path / "runs.csv"
@@ -121,8 +166,11 @@ def test_fewshot_recheck_reruns_the_cell_fresh_and_compares(tmp_path, monkeypatc
     args = SimpleNamespace(recheck=runs, recheck_cell=["scratch", "1", "0"], tolerance=0.005, out=tmp_path / "out",
                            threads=1, finetune_epochs=25, iterations=20, data=tmp_path, split=tmp_path / "s.json",
                            channels=[8, 16, 32, 64])
+    (tmp_path / "provenance.json").write_text(json.dumps({"commit": "b241706a8b", "cpu": "Intel(R) Xeon(R)"}),
+                                              encoding="utf-8")
     dice = 0.7046
     assert bench.recheck(args) == 0
+    assert "recorded at b241706a8b on Intel(R) Xeon(R); now on" in capsys.readouterr().out
     dice = 0.7831
     assert bench.recheck(args) == 1
     assert seen[0]["checkpoint"] is None and seen[0]["n"] == "1" and seen[0]["seed"] == 0
