@@ -192,7 +192,9 @@ def test_fewshot_variants_fine_tune_a_checkpoint_with_another_transfer(tmp_path)
                            channels=[8, 16, 32, 64])
     assert bench.pretrained_methods(args) == ["models_genesis"]
     assert bench.finetune_overrides("models_genesis@encoder", args)["pretrained_prefixes"] == ["encoder."]
-    assert "pretrained_prefixes" not in bench.finetune_overrides("models_genesis", args)  # the bundle's default
+    assert bench.finetune_overrides("models_genesis", args)["pretrained_prefixes"] == ["encoder."]  # FINETUNE
+    assert bench.finetune_overrides("models_genesis@all", args)["pretrained_prefixes"] == ["encoder.", "decoder."]
+    assert "pretrained_prefixes" not in bench.finetune_overrides("spark", args)  # the bundle's default
     assert bench.finetune_overrides("mae@all", args)["backbone"] == "unetr"
     with pytest.raises(argparse.ArgumentTypeError, match="METHOD@TRANSFER"):
         bench.parse_variant("models_genesis@decoder")

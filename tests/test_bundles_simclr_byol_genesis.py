@@ -13,7 +13,7 @@ from ignite.engine import Events
 
 BUNDLES = ["simclr", "byol", "models_genesis"]
 TINY = {"backbone_options": {"unet": {"channels": [4, 8, 16], "norm": "instance"}}}
-# what each pretext task trains, so what the few-shot bundle should transfer (the benchmark's FINETUNE prefixes)
+# what each pretext task trains, so what the few-shot bundle must be able to transfer
 TRAINED = {"simclr": ("encoder.",), "byol": ("encoder.",), "models_genesis": ("encoder.", "decoder.")}
 
 
