@@ -43,7 +43,7 @@ def main() -> None:
     colors = plt.get_cmap("tab20").colors
     colors = [colors[i] for i in order[: len(spec["classes"])]]
     cmap = ListedColormap(colors)
-    centre = [int(np.mean(np.nonzero(coarse)[a])) for a in range(3)]
+    centre = [int(np.mean(index)) for index in np.nonzero(coarse)]  # one pass over the volume, not three
     fig, axes = plt.subplots(1, 3, figsize=(11, 4.2))
     for a, ax in enumerate(axes):
         img = np.take(image, centre[a], axis=a)
